@@ -1,0 +1,1 @@
+"""SQL shipped inside the wheel: `migrations/` and named `queries/`."""

@@ -1,0 +1,178 @@
+"""The `campaign` command line. Logging is configured here, once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from campaign import config, db, logs
+
+log = structlog.get_logger("campaign.cli")
+
+Handler = Callable[[argparse.Namespace, config.Settings], Coroutine[Any, Any, int]]
+
+
+@contextlib.asynccontextmanager
+async def database(settings: config.Settings) -> AsyncIterator[str]:
+    """Yield a DSN: the configured one, or an embedded server's started for the duration."""
+    dsn = settings.database_dsn
+    if dsn:
+        yield dsn
+        return
+    data_dir = Path(settings.database.data_dir) if settings.database.data_dir else None
+    server = db.EmbeddedServer(data_dir=data_dir or db.default_data_dir())
+    dsn = await asyncio.to_thread(server.start)
+    try:
+        yield dsn
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: config.Settings) -> int:
+    async with database(settings) as dsn:
+        conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
+        try:
+            applied = await db.migrate(conn)
+            version = await db.schema_version(conn)
+        finally:
+            await conn.close()
+    log.info(
+        "migrate_finished",
+        applied=len(applied),
+        schema_version=version,
+        database=db.describe_dsn(dsn),
+    )
+    return 0
+
+
+_CONTROL_SQL = {
+    "pause": ("control_pause", "paused"),
+    "resume": ("control_resume", "ready"),
+    "cancel": ("control_cancel", "cancelled"),
+}
+
+
+async def cmd_control(args: argparse.Namespace, settings: config.Settings) -> int:
+    query_name, new_status = _CONTROL_SQL[args.command]
+    queries = db.require(db.load_queries(), [query_name])
+    async with database(settings) as dsn:
+        conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
+        try:
+            await db.check_schema(conn)
+            row = await conn.fetchrow(queries[query_name], args.campaign_id)
+        finally:
+            await conn.close()
+    if row is None:
+        print(
+            f"campaign {args.campaign_id}: not found, or its status does not allow {args.command}",
+            file=sys.stderr,
+        )
+        return 1
+    log.info(
+        "campaign_status_changed",
+        campaign_id=args.campaign_id,
+        status=new_status,
+        previous_status=row["previous_status"],
+    )
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
+    from campaign import demo
+
+    return await demo.run(args, settings)
+
+
+def _lazy(module: str, func: str) -> Handler:
+    """A handler imported on use, so `campaign migrate` does not load the worker's stack."""
+
+    async def handler(args: argparse.Namespace, settings: config.Settings) -> int:
+        import importlib
+
+        target = getattr(importlib.import_module(f"campaign.{module}"), func)
+        result: int = await target(args, settings)
+        return result
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="campaign",
+        description="Bulk SMS campaigns from PostgreSQL to the IMIconnect messaging API.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"TOML config file (default: ${config.ENV_CONFIG}, else built-in "
+        "defaults with an embedded database)",
+    )
+    parser.add_argument(
+        "--log-format", choices=["auto", "json", "console"], help="override [logging] format"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override [logging] level",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="apply database migrations (safe to repeat)")
+    p.set_defaults(handler=cmd_migrate)
+
+    for name, text in (
+        ("pause", "stop new batches of a campaign; in-flight ones finish"),
+        ("resume", "let a paused or draft campaign send again"),
+        ("cancel", "cancel a campaign; unsent recipients become cancelled"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("campaign_id", type=int)
+        p.set_defaults(handler=cmd_control)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the whole product on this machine with an embedded "
+        "database and the built-in API simulator",
+    )
+    p.add_argument("--recipients", type=int, default=100_000, help="recipients to seed")
+    p.add_argument(
+        "--rate", type=float, default=20_000.0, help="service rate in destinations per second"
+    )
+    p.set_defaults(handler=cmd_demo)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"campaign: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(
+        fmt=args.log_format or settings.logging.format,
+        level=args.log_level or settings.logging.level,
+        secrets=settings.secrets(),
+    )
+    handler: Handler = args.handler
+    try:
+        return asyncio.run(handler(args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except (db.SchemaError, db.QueryError, config.ConfigError) as exc:
+        log.error("command_failed", command=args.command, error=str(exc))
+        return 2
+    except (OSError, db.PostgresError, db.InterfaceError) as exc:
+        log.error(
+            "command_failed", command=args.command, error=str(exc), error_type=type(exc).__name__
+        )
+        return 1

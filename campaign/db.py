@@ -1,0 +1,252 @@
+"""PostgreSQL access: the only module that imports asyncpg.
+
+Named queries live in `sql/queries/*.sql` and are loaded once into a read-only mapping;
+migrations in `sql/migrations/NNNN_name.sql` are applied forward-only under an advisory
+lock, so two processes migrating at once are safe.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# An arbitrary constant shared by every campaign process: "campaign" in ASCII.
+MIGRATION_LOCK_KEY = 0x63616D706169676E
+
+_NAME_LINE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$")
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+Pool = asyncpg.Pool
+Connection = asyncpg.Connection
+Record = asyncpg.Record
+PostgresError = asyncpg.PostgresError
+InterfaceError = asyncpg.InterfaceError
+
+
+class SchemaError(Exception):
+    """The database schema is not the one this code was built for."""
+
+
+class QueryError(Exception):
+    """A named query is missing or malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def _sql_root() -> Any:
+    return importlib.resources.files("campaign.sql")
+
+
+def parse_queries(text: str, *, source: str = "<sql>") -> dict[str, str]:
+    """Split a file into `-- name: x` blocks; each block runs to the next name line."""
+    queries: dict[str, str] = {}
+    name: str | None = None
+    lines: list[str] = []
+
+    def flush() -> None:
+        if name is None:
+            return
+        body = "\n".join(lines).strip()
+        if not any(line.strip() and not line.strip().startswith("--") for line in lines):
+            raise QueryError(f"{source}: query {name} has no SQL")
+        queries[name] = body
+
+    for line in text.splitlines():
+        match = _NAME_LINE.match(line)
+        if match:
+            flush()
+            name = match.group(1)
+            if name in queries:
+                raise QueryError(f"{source}: query {name} is defined twice")
+            lines = []
+        elif name is not None:
+            lines.append(line)
+    flush()
+    return queries
+
+
+def load_queries() -> Mapping[str, str]:
+    """Every named query shipped with the package, as a read-only mapping."""
+    queries: dict[str, str] = {}
+    folder = _sql_root() / "queries"
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        for name, sql in parse_queries(
+            entry.read_text(encoding="utf-8"), source=entry.name
+        ).items():
+            if name in queries:
+                raise QueryError(f"{entry.name}: query {name} is defined in two files")
+            queries[name] = sql
+    return MappingProxyType(queries)
+
+
+def require(queries: Mapping[str, str], names: Iterable[str]) -> Mapping[str, str]:
+    """The subset of `queries` a role uses; a missing name stops the process at start-up."""
+    missing = [n for n in names if n not in queries]
+    if missing:
+        raise QueryError(f"named queries missing from sql/queries: {', '.join(missing)}")
+    return MappingProxyType({n: queries[n] for n in names})
+
+
+def load_migrations() -> list[Migration]:
+    folder = _sql_root() / "migrations"
+    migrations = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            sql = entry.read_text(encoding="utf-8")
+            migrations.append(Migration(int(match.group(1)), match.group(2), sql))
+    migrations.sort(key=lambda m: m.version)
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise SchemaError(f"migrations are not numbered 1..N without gaps: {versions}")
+    return migrations
+
+
+def expected_version() -> int:
+    return len(load_migrations())
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The highest applied migration, 0 when the schema was never migrated."""
+    exists = await conn.fetchval("SELECT to_regclass('campaign.schema_migrations') IS NOT NULL")
+    if not exists:
+        return 0
+    version = await conn.fetchval("SELECT max(version) FROM campaign.schema_migrations")
+    return int(version or 0)
+
+
+async def check_schema(conn: asyncpg.Connection) -> int:
+    """Refuse to run against an older or newer schema than this code's."""
+    have, want = await schema_version(conn), expected_version()
+    if have < want:
+        raise SchemaError(
+            f"database schema is at version {have}, this code needs {want}: run `campaign migrate`"
+        )
+    if have > want:
+        raise SchemaError(
+            f"database schema is at version {have}, newer than this code's {want}: upgrade campaign"
+        )
+    return have
+
+
+async def migrate(conn: asyncpg.Connection) -> list[Migration]:
+    """Apply pending migrations, each in its own transaction; returns those applied."""
+    migrations = load_migrations()
+    applied: list[Migration] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """
+            CREATE SCHEMA IF NOT EXISTS campaign;
+            CREATE TABLE IF NOT EXISTS campaign.schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text        NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            );
+            """
+        )
+        done = {
+            r["version"] for r in await conn.fetch("SELECT version FROM campaign.schema_migrations")
+        }
+        if done and max(done) > len(migrations):
+            raise SchemaError(
+                f"database schema is at version {max(done)}, newer than this "
+                f"code's {len(migrations)}: upgrade campaign"
+            )
+        for migration in migrations:
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO campaign.schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            applied.append(migration)
+            log.info("migration_applied", version=migration.version, name=migration.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection set-up: jsonb as Python objects through orjson."""
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        format="text",
+    )
+
+
+async def connect(dsn: str, *, timeout_s: float = 10.0) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    await init_connection(conn)
+    return conn
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, timeout_s: float = 10.0
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, timeout=timeout_s, init=init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+def default_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("campaign")) / "pgdata"
+
+
+class EmbeddedServer:
+    """A PostgreSQL server run by the `pgserver` package in a data directory of ours."""
+
+    def __init__(self, *, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._server: Any = None
+
+    def start(self) -> str:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver falls back fine.
+            warnings.simplefilter("ignore")
+            from pgserver import postgres_server
+
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._server = postgres_server.get_server(self.data_dir, cleanup_mode="stop")
+        dsn = str(self._server.get_uri())
+        log.info("embedded_database_started", data_dir=str(self.data_dir))
+        return dsn
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+def describe_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs and status output."""
+    return re.sub(r"^([a-z]+://[^:/@]*):[^@]*@", r"\1:***@", dsn)

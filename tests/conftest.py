@@ -1,0 +1,129 @@
+"""Test fixtures: a real PostgreSQL always.
+
+`CAMPAIGN_TEST_DSN` names a server (CI uses the machine's PostgreSQL 15); without it an
+embedded server is started for the session. A template database is migrated once per
+session and every test that asks for `dsn` gets its own copy of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from campaign import db
+
+_counter = itertools.count()
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> Iterator[str]:
+    """A DSN of a server where tests may create databases."""
+    env = os.environ.get("CAMPAIGN_TEST_DSN")
+    if env:
+        yield env
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        tmp = Path(tempfile.mkdtemp(prefix="campaign-test-pg-"))
+        server = pgserver.get_server(tmp, cleanup_mode="delete")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def template_dsn(pg_server_dsn: str) -> AsyncIterator[str]:
+    name = f"campaign_tpl_{os.getpid()}"
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = with_database(pg_server_dsn, name)
+        conn = await db.connect(dsn)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+        yield dsn
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _copy_database(server_dsn: str, template: str) -> tuple[str, str]:
+    name = f"campaign_t_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE "{urlsplit(template).path.lstrip("/")}"'
+        )
+    finally:
+        await admin.close()
+    return name, with_database(server_dsn, name)
+
+
+async def _drop_database(server_dsn: str, name: str) -> None:
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def dsn(pg_server_dsn: str, template_dsn: str) -> AsyncIterator[str]:
+    """A freshly migrated database of this test's own."""
+    name, test_dsn = await _copy_database(pg_server_dsn, template_dsn)
+    try:
+        yield test_dsn
+    finally:
+        await _drop_database(pg_server_dsn, name)
+
+
+@pytest.fixture
+async def empty_dsn(pg_server_dsn: str) -> AsyncIterator[str]:
+    """An empty database (no schema), for migration tests."""
+    name = f"campaign_e_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield with_database(pg_server_dsn, name)
+    finally:
+        await _drop_database(pg_server_dsn, name)
+
+
+@pytest.fixture
+async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await db.connect(dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await db.create_pool(dsn, min_size=1, max_size=10)
+    try:
+        yield p
+    finally:
+        await p.close()
