@@ -1,0 +1,137 @@
+import dataclasses
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from campaign import config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(config.ENV_CONFIG, raising=False)
+    settings = config.load()
+    assert settings.api.base_url == "https://api.imiconnect.com"
+    assert settings.services == {}
+
+
+def test_example_file_loads_and_documents_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMPAIGN_DATABASE_DSN", "postgresql://u:pw@h/db")
+    monkeypatch.setenv("IMI_SERVICE_KEY", "k" * 32)
+    monkeypatch.setenv("CAMPAIGN_WEBHOOK_TOKEN", "t" * 32)
+    example = ROOT / "config.example.toml"
+    settings = config.load(example)
+    assert settings.services["default"].key == "k" * 32
+    raw = tomllib.loads(example.read_text())
+    # Every field of every section appears in the example, and with its default value
+    # (secrets and the DSN come from the environment; a service's values are examples).
+    for section in dataclasses.fields(config.Settings):
+        if section.name == "source":
+            continue
+        if section.name == "services":
+            cls: type = config.ServiceSettings
+            table = raw["services"]["default"]
+        else:
+            cls = type(getattr(config.Settings(), section.name))
+            table = raw[section.name]
+        for f in dataclasses.fields(cls):
+            assert f.name in table, f"config.example.toml lacks [{section.name}] {f.name}"
+            if "${" in str(table[f.name]) or section.name == "services":
+                continue
+            default = f.default
+            expected = list(default) if isinstance(default, tuple) else default
+            assert table[f.name] == expected, f"[{section.name}] {f.name} differs from default"
+
+
+def test_env_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_KEY", "abc123secret")
+    path = _write(tmp_path, '[services.s1]\nkey = "pre-${MY_KEY}"\nrate_per_s = 50\n')
+    settings = config.load(path)
+    assert settings.services["s1"].key == "pre-abc123secret"
+    assert settings.services["s1"].rate_per_s == 50.0
+    assert "pre-abc123secret" in settings.secrets()
+
+
+def test_environment_dsn_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, '[database]\ndsn = "postgresql://file/db"\n')
+    monkeypatch.delenv(config.ENV_DSN, raising=False)
+    assert config.load(path).database_dsn == "postgresql://file/db"
+    monkeypatch.setenv(config.ENV_DSN, "postgresql://env/db")
+    assert config.load(path).database_dsn == "postgresql://env/db"
+
+
+CASES = [
+    ("[nope]\nx = 1\n", "unknown section [nope]"),
+    ("[api]\nbase_uri = 'x'\n", "[api] base_uri: unknown key"),
+    ("[api]\ntimeout_s = 'ten'\n", "[api] timeout_s: expected a number"),
+    ("[database]\npool_max = 2.5\n", "[database] pool_max: expected an integer"),
+    ("[services.a]\nkey = 'k'\nplus_prefix = 'yes'\n", "plus_prefix: expected true or false"),
+    (
+        "[services.a]\nkey = 'k'\nrate_per_s = 0\n",
+        "[services.a] rate_per_s: must be greater than 0",
+    ),
+    ("[services.a]\nrate_per_s = 10\n", "[services.a] key: missing"),
+    (
+        "[services.a]\nkey = '${CAMPAIGN_TEST_UNSET_VAR}'\n",
+        "[services.a] key: environment variable CAMPAIGN_TEST_UNSET_VAR is not set",
+    ),
+    ("[services.a]\nkey = 'k'\nbatch_size = 1001\n", "batch_size: must be between 1 and 1000"),
+    ("[services.a]\nkey = 'k'\non_timeout = 'maybe'\n", "on_timeout: 'maybe' is not one of"),
+    ("[logging]\nformat = 'xml'\n", "[logging] format: 'xml' is not one of"),
+    ("[webhooks]\ntoken = ''\n", "[webhooks] token: missing"),
+    ("[optout]\nstop_keywords = 'STOP'\n", "stop_keywords: expected a list of strings"),
+    ("[database]\npool_min = 5\npool_max = 2\n", "pool_min: must not exceed pool_max"),
+    ("[api\n", "not valid TOML"),
+    ("services = 3\n", "[services] must hold tables"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), CASES)
+def test_invalid_files_give_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str
+) -> None:
+    monkeypatch.delenv("CAMPAIGN_TEST_UNSET_VAR", raising=False)
+    path = _write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    text_of_error = str(info.value)
+    assert message in text_of_error
+    assert text_of_error.startswith(str(path))
+    assert "\n" not in text_of_error
+
+
+def test_wrong_type_of_secret_is_not_echoed(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[services.a]\nkey = 123456789\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert "123456789" not in str(info.value)
+    assert "<secret>" in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="config file not found"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_cli_exits_non_zero_with_one_line_naming_key_and_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[services.a]\nkey = 'k'\nrate_per_s = 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "campaign", "--config", str(path), "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert str(path) in lines[0] and "rate_per_s" in lines[0]
