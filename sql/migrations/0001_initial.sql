@@ -50,7 +50,9 @@ CREATE TABLE campaign.recipients (
     msisdn          text        NOT NULL,
     variables       jsonb       NOT NULL DEFAULT '{}',
     status          text        NOT NULL DEFAULT 'pending',
-    correlation_id  text        NOT NULL DEFAULT replace(gen_random_uuid()::text, '-', ''),
+    -- Derived from id: unique by construction and cheap to index (a random default
+    -- doubled the cost of a bulk COPY). Sent as each destination's correlationid.
+    correlation_id  text COLLATE "C" GENERATED ALWAYS AS ('r' || id::text) STORED,
     msisdn_e164     text,
     encoding        text,
     parts           smallint,
@@ -71,7 +73,6 @@ CREATE TABLE campaign.recipients (
         'pending', 'sending', 'queued', 'unknown',
         'delivered', 'failed', 'rejected', 'invalid', 'suppressed', 'expired', 'cancelled')),
     CONSTRAINT recipients_variables_check CHECK (jsonb_typeof(variables) = 'object'),
-    CONSTRAINT recipients_correlation_id_check CHECK (octet_length(correlation_id) BETWEEN 1 AND 50),
     CONSTRAINT recipients_encoding_check CHECK (encoding IS NULL OR encoding IN ('gsm7', 'ucs2')),
     CONSTRAINT recipients_attempts_check CHECK (attempts >= 0)
 );

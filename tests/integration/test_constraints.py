@@ -76,12 +76,12 @@ async def test_recipient_defaults_and_constraints(conn: asyncpg.Connection) -> N
             cid,
         )
     assert info.value.constraint_name == "recipients_variables_check"
-    with pytest.raises(asyncpg.UniqueViolationError):
+    assert row["correlation_id"] == f"r{row['id']}"
+    with pytest.raises(asyncpg.GeneratedAlwaysError):
         await conn.execute(
             "INSERT INTO campaign.recipients (campaign_id, msisdn, correlation_id) "
-            "VALUES ($1, '1', $2)",
+            "VALUES ($1, '1', 'mine')",
             cid,
-            row["correlation_id"],
         )
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await conn.execute(
