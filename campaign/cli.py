@@ -137,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=cmd_control)
 
     p = sub.add_parser(
+        "import",
+        help="load recipients from a CSV file with COPY",
+        description="Load recipients from CSV: the msisdn column is the number, "
+        "every other column a variable for $(name) placeholders.",
+    )
+    p.add_argument("campaign_id", type=int)
+    p.add_argument("file", help="CSV file, UTF-8, with a header row")
+    p.set_defaults(handler=_lazy("importer", "cmd_import"))
+
+    p = sub.add_parser("status", help="counts per status, rate, ETA and report lag")
+    p.add_argument("campaign_id", type=int, nargs="?", help="one campaign (default: recent ones)")
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=20, help="campaigns shown at most")
+    p.set_defaults(handler=_lazy("status", "cmd_status"))
+
+    p = sub.add_parser(
         "demo",
         help="run the whole product on this machine with an embedded "
         "database and the built-in API simulator",
