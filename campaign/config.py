@@ -18,7 +18,8 @@ from typing import Any, Literal
 ENV_CONFIG = "CAMPAIGN_CONFIG"
 ENV_DSN = "CAMPAIGN_DATABASE_DSN"
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# ${NAME} or ${NAME:-default}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 OnTimeout = Literal["resolve", "resend", "fail"]
 LogFormat = Literal["auto", "json", "console"]
@@ -244,10 +245,12 @@ def _interpolate(value: Any, source: str, where: str, key: str) -> Any:
         return value
 
     def replace(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise ConfigError(f"{source}: {where} {key}: environment variable {name} is not set")
-        return os.environ[name]
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{source}: {where} {key}: environment variable {name} is not set")
 
     return _ENV_REF.sub(replace, value)
 

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import subprocess
 import sys
 import tomllib
@@ -45,11 +46,15 @@ def test_example_file_loads_and_documents_every_key(monkeypatch: pytest.MonkeyPa
             table = raw[section.name]
         for f in dataclasses.fields(cls):
             assert f.name in table, f"config.example.toml lacks [{section.name}] {f.name}"
-            if "${" in str(table[f.name]) or section.name == "services":
+            value = table[f.name]
+            fallback = re.fullmatch(r"\$\{[A-Z_]+:-(.*)\}", str(value))
+            if fallback:
+                value = fallback.group(1)
+            elif "${" in str(value) or section.name == "services":
                 continue
             default = f.default
             expected = list(default) if isinstance(default, tuple) else default
-            assert table[f.name] == expected, f"[{section.name}] {f.name} differs from default"
+            assert value == expected, f"[{section.name}] {f.name} differs from default"
 
 
 def test_env_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,6 +64,14 @@ def test_env_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.services["s1"].key == "pre-abc123secret"
     assert settings.services["s1"].rate_per_s == 50.0
     assert "pre-abc123secret" in settings.secrets()
+
+
+def test_env_interpolation_with_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAMPAIGN_TEST_BASE", raising=False)
+    path = _write(tmp_path, '[api]\nbase_url = "${CAMPAIGN_TEST_BASE:-http://127.0.0.1:9090}"\n')
+    assert config.load(path).api.base_url == "http://127.0.0.1:9090"
+    monkeypatch.setenv("CAMPAIGN_TEST_BASE", "http://sim:9090")
+    assert config.load(path).api.base_url == "http://sim:9090"
 
 
 def test_environment_dsn_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
