@@ -165,6 +165,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_demo)
 
+    p = sub.add_parser(
+        "worker", help="claim pending recipients and send them (see docs/sending.md)"
+    )
+    p.add_argument(
+        "--drain",
+        action="store_true",
+        help="exit once nothing is pending, sending or in doubt for runnable campaigns",
+    )
+    p.add_argument("--worker-id", metavar="ID", help="override [worker] worker_id")
+    p.set_defaults(handler=_lazy("worker", "cmd_worker"))
+
+    p = sub.add_parser(
+        "webhooks",
+        help="run the delivery report / incoming message receiver and the reconciler "
+        "(see docs/webhooks.md)",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="override [webhooks] listen")
+    p.set_defaults(handler=_lazy("webhooks", "cmd_webhooks"))
+
+    p = sub.add_parser(
+        "simulate",
+        help="run the fault-injecting simulator of the messaging API (see docs/simulator.md)",
+    )
+    p.add_argument("--listen", default="127.0.0.1:9090", metavar="HOST:PORT")
+    p.add_argument(
+        "--config", dest="sim_config", metavar="PATH", help="simulator TOML file (knobs)"
+    )
+    p.add_argument("--key", action="append", help="accepted service key (repeatable)")
+    p.add_argument("--rate", type=float, help="destinations per second per key (0: no limit)")
+    p.add_argument("--mo-url", help="where incoming messages (MO) are POSTed")
+    p.add_argument("--seed", type=int, help="random seed (outcomes, delays, faults)")
+    p.add_argument("--fault", action="append", metavar="NAME=PROBABILITY")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any knob, e.g. dr_batch_size=100"
+    )
+    p.add_argument("--send-mo", action="store_true", help="send one MO (--oa, --message), exit")
+    p.add_argument("--oa", help="with --send-mo: the customer's number")
+    p.add_argument("--message", help="with --send-mo: the text")
+    p.add_argument("--da", help="with --send-mo: the short code (default: mo_da)")
+    p.set_defaults(handler=_lazy("simulator", "cmd_simulate"))
+
     return parser
 
 
