@@ -66,6 +66,7 @@ class ProducerSettings:
     lease_s: float = 120.0
     backoff_base_s: float = 2.0
     backoff_max_s: float = 300.0
+    recovery_interval_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class WebhookSettings:
     hmac_secret: str = field(default="", metadata={"secret": True})
     allow_networks: tuple[str, ...] = ()
     group_max: int = 500
+    store_timeout_s: float = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +155,13 @@ _POSITIVE = {
     "max_body_bytes",
     "interval_s",
     "group_max",
+    "store_timeout_s",
     "stats_interval_s",
     "max_attempts",
     "connect_timeout_s",
     "backoff_base_s",
     "backoff_max_s",
+    "recovery_interval_s",
 }
 
 

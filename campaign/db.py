@@ -30,9 +30,12 @@ _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 Pool = asyncpg.Pool
 Connection = asyncpg.Connection
+PoolConnection = asyncpg.pool.PoolConnectionProxy
 Record = asyncpg.Record
 PostgresError = asyncpg.PostgresError
 InterfaceError = asyncpg.InterfaceError
+# Raised by a pooled connection whose server side was terminated mid-operation.
+InternalClientError = asyncpg.InternalClientError
 
 
 class SchemaError(Exception):

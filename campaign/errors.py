@@ -1,0 +1,173 @@
+"""What a send attempt's answer means, pure: response parsing and one `classify` function.
+
+The API answers HTTP 200 in two shapes: a list of per-destination results
+(`{"response": [{code, description, transid, correlationid}, ...]}`) or a single error
+object (`{"response": {code, description, transid}}`). Transport failures are judged by
+whether the body may have left this process: before that, retrying cannot duplicate a
+message; after it, the outcome is in doubt.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+Kind = Literal["ok", "retry", "in_doubt", "stop_service", "rejected"]
+DestinationKind = Literal["queued", "retry", "rejected"]
+
+QUEUED = "1001"
+RATE_LIMITED = "7020"
+# 7020: over the tenant's transaction rate; 7006: internal error, documented as intermittent.
+RETRY_CODES = frozenset({RATE_LIMITED, "7006"})
+# Bad, missing or inactive service key: every further request would fail the same way.
+STOP_CODES = frozenset({"7001", "7002", "7007"})
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationResult:
+    code: str
+    description: str
+    transid: str | None
+    correlation_id: str | None
+
+    @property
+    def kind(self) -> DestinationKind:
+        return destination_kind(self.code)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: Kind
+    code: str
+    description: str
+    retry_after_s: float | None = None
+    # Per-destination results when kind is "ok".
+    results: tuple[DestinationResult, ...] = ()
+
+
+class ResponseError(ValueError):
+    """A response body in neither documented shape."""
+
+
+def destination_kind(code: str) -> DestinationKind:
+    if code == QUEUED:
+        return "queued"
+    if code in RETRY_CODES:
+        return "retry"
+    return "rejected"
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value)
+    raise ResponseError(f"expected text, got {type(value).__name__}")
+
+
+def _result(item: Any) -> DestinationResult:
+    if not isinstance(item, dict):
+        raise ResponseError("a response item is not an object")
+    code = _text(item.get("code"))
+    if not code:
+        raise ResponseError("a response item has no code")
+    return DestinationResult(
+        code=code,
+        description=_text(item.get("description")) or "",
+        transid=_text(item.get("transid")) or None,
+        correlation_id=_text(item.get("correlationid")) or None,
+    )
+
+
+def parse_response(body: bytes) -> list[DestinationResult] | DestinationResult:
+    """A list of per-destination results, or the single object of a request-level answer."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ResponseError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or "response" not in data:
+        raise ResponseError("no `response` member")
+    response = data["response"]
+    if isinstance(response, list):
+        return [_result(item) for item in response]
+    return _result(response)
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
+
+
+def _api_error(body: bytes | None) -> DestinationResult | None:
+    """The request-level error object in a body, when there is one."""
+    if not body:
+        return None
+    try:
+        parsed = parse_response(body)
+    except ResponseError:
+        return None
+    return parsed if isinstance(parsed, DestinationResult) else None
+
+
+def classify(
+    http_status: int | None,
+    body: bytes | BaseException | None,
+    *,
+    body_sent: bool,
+    retry_after: str | None = None,
+) -> Outcome:
+    """Decide what a send attempt's answer (or failure) means for its recipients."""
+    if isinstance(body, BaseException):
+        timeout = isinstance(body, TimeoutError)
+        code = "timeout" if timeout else "connection_error"
+        description = str(body) or type(body).__name__
+        if body_sent:
+            # The API may have accepted the request: sending again could duplicate it.
+            return Outcome("in_doubt", code, description)
+        return Outcome("retry", code, description)
+    if http_status is None:
+        raise ValueError("classify needs an HTTP status or an exception")
+
+    api = _api_error(body)
+    code = api.code if api else f"http_{http_status}"
+    description = api.description if api else f"HTTP {http_status}"
+
+    if http_status == 429:
+        return Outcome("retry", code, description, retry_after_s=parse_retry_after(retry_after))
+    if http_status >= 500:
+        return Outcome("retry", code, description, retry_after_s=parse_retry_after(retry_after))
+    if (api and api.code in STOP_CODES) or http_status in (401, 403):
+        return Outcome("stop_service", code, description)
+    if 300 <= http_status < 400:
+        # Redirects are not followed (a POST would turn into a GET): the base_url is wrong.
+        return Outcome("stop_service", code, "redirected: check api.base_url")
+    if 400 <= http_status < 500 or http_status < 200:
+        return Outcome("rejected", code, description)
+
+    try:
+        parsed = parse_response(body or b"")
+    except ResponseError as exc:
+        # A 2xx we cannot read may still mean the messages were queued.
+        return Outcome("in_doubt", "bad_response", str(exc))
+    if isinstance(parsed, list):
+        return Outcome("ok", QUEUED, "results", results=tuple(parsed))
+    if parsed.code == QUEUED:
+        return Outcome("ok", QUEUED, parsed.description, results=(parsed,))
+    if parsed.code in RETRY_CODES:
+        return Outcome("retry", parsed.code, parsed.description)
+    return Outcome("rejected", parsed.code, parsed.description)

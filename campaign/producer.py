@@ -1,0 +1,436 @@
+"""The producer: claims batches of pending recipients and hands them to the senders.
+
+It wakes on NOTIFY `campaign_work` and also polls every `poll_interval_s`, so a lost
+notification delays work by one interval at most. Each service has its own bounded
+queue (a `Lane`); a batch is claimed only for a service whose queue has room, so a slow
+service never holds up another and no claimed batch waits outside a queue.
+
+Per recipient it normalises the number, drops opted-out numbers, renders the text and
+checks it; rows that must not be sent get their final status in one set-based statement
+and the rest become one request body, encoded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from campaign import db, payload, sms
+from campaign.config import ProducerSettings, ServiceSettings
+from campaign.ratelimit import ServiceLimiter
+
+log = structlog.get_logger(__name__)
+
+NOTIFY_CHANNEL = "campaign_work"
+QUERIES = (
+    "next_campaign",
+    "claim_batch",
+    "suppressed_numbers",
+    "prepare_recipients",
+    "cancel_pending",
+    "expire_pending",
+)
+SWEEP_CHUNK = 10_000
+# Errors worth waiting out (the database restarting, a dropped connection); anything
+# else is a bug and stops the worker.
+DB_ERRORS = (db.PostgresError, db.InterfaceError, db.InternalClientError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One claimed request's worth of recipients: the item on a lane's queue."""
+
+    id: int
+    campaign_id: int
+    service: str
+    body: bytes
+    recipient_ids: tuple[int, ...]
+    correlation_ids: tuple[str, ...]
+    # Attempts already made per recipient (same order as recipient_ids).
+    attempts: tuple[int, ...]
+    expires_at: datetime | None = None
+
+    @property
+    def destinations(self) -> int:
+        return len(self.recipient_ids)
+
+    @property
+    def attempt(self) -> int:
+        """The number of this send: 1 for a first send."""
+        return max(self.attempts, default=0) + 1
+
+
+class Lane:
+    """One service's state shared by the producer and that service's senders."""
+
+    def __init__(self, *, name: str, settings: ServiceSettings, queue_size: int) -> None:
+        self.name = name
+        self.settings = settings
+        self.limiter = ServiceLimiter(
+            service=name, rate_per_s=settings.rate_per_s, batch_size=settings.batch_size
+        )
+        self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=queue_size)
+        self.stopped = False
+
+    def has_room(self) -> bool:
+        return not self.stopped and not self.queue.full()
+
+    def stop(self, *, error_code: str, description: str) -> None:
+        """Stop claiming and sending for this service (bad or inactive key): logged once."""
+        if self.stopped:
+            return
+        self.stopped = True
+        log.error(
+            "service_stopped",
+            service=self.name,
+            error_code=error_code,
+            description=description,
+            hint="fix the service key or activate the service, then restart the worker",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    id: int
+    service: str
+    sender_id: str
+    body: str | None
+    template_id: str | None
+    smartlinks: Mapping[str, Mapping[str, Any]]
+    priority: int
+    expires_at: datetime | None
+    callback_data: str | None
+
+    @classmethod
+    def from_record(cls, row: db.Record, *, default_sender_id: str) -> Campaign:
+        return cls(
+            id=row["id"],
+            service=row["service"],
+            sender_id=row["sender_id"] or default_sender_id,
+            body=row["body"],
+            template_id=row["template_id"],
+            smartlinks=payload.parse_smartlinks(row["smartlinks"]),
+            priority=row["priority"],
+            expires_at=row["expires_at"],
+            callback_data=row["callback_data"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    id: int
+    msisdn: str
+    variables: Mapping[str, Any]
+    correlation_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A claimed row after the checks: still 'sending' with a destination, or final."""
+
+    id: int
+    status: str
+    msisdn_e164: str | None = None
+    encoding: str | None = None
+    parts: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    destination: payload.Destination | None = None
+    attempts: int = 0
+
+
+def normalise_all(
+    rows: Sequence[Claimed], *, default_region: str
+) -> list[str | sms.InvalidRecipient]:
+    """Each row's E.164 number, or why it has none."""
+    numbers: list[str | sms.InvalidRecipient] = []
+    for row in rows:
+        try:
+            numbers.append(sms.normalise_msisdn(row.msisdn, default_region=default_region))
+        except sms.InvalidRecipient as exc:
+            numbers.append(exc)
+    return numbers
+
+
+def prepare(
+    campaign: Campaign,
+    rows: Sequence[Claimed],
+    numbers: Sequence[str | sms.InvalidRecipient],
+    *,
+    suppressed: Collection[str],
+    plus_prefix: bool,
+) -> list[Prepared]:
+    """Decide every claimed row: invalid, suppressed, or a destination with its text."""
+    prepared: list[Prepared] = []
+    for row, number in zip(rows, numbers, strict=True):
+        if isinstance(number, sms.InvalidRecipient):
+            prepared.append(
+                Prepared(row.id, "invalid", None, None, None, number.code, number.message)
+            )
+            continue
+        if number in suppressed:
+            prepared.append(
+                Prepared(row.id, "suppressed", number, None, None, "suppressed", "number opted out")
+            )
+            continue
+        msisdn = sms.api_msisdn(number, plus_prefix=plus_prefix)
+        if campaign.body is None:
+            # A template campaign: the platform holds the text, so there is nothing to count.
+            destination = payload.Destination(correlation_id=row.correlation_id, msisdn=msisdn)
+            prepared.append(
+                Prepared(row.id, "sending", number, destination=destination, attempts=row.attempts)
+            )
+            continue
+        try:
+            rendered = sms.render(campaign.body, row.variables)
+            payload.check_links(rendered.link_ids, campaign.smartlinks)
+        except sms.InvalidRecipient as exc:
+            prepared.append(Prepared(row.id, "invalid", number, None, None, exc.code, exc.message))
+            continue
+        destination = payload.Destination(
+            correlation_id=row.correlation_id,
+            msisdn=msisdn,
+            text=rendered.text,
+            ucs2=rendered.encoding == "ucs2",
+            link_ids=rendered.link_ids,
+        )
+        prepared.append(
+            Prepared(
+                row.id,
+                "sending",
+                number,
+                rendered.encoding,
+                rendered.parts,
+                destination=destination,
+                attempts=row.attempts,
+            )
+        )
+    return prepared
+
+
+def notify_url(public_url: str, token: str) -> str | None:
+    """Where the API posts delivery reports for this worker; None without a token."""
+    if not token:
+        return None
+    return f"{public_url.rstrip('/')}/webhooks/dr/{token}"
+
+
+class Producer:
+    def __init__(
+        self,
+        *,
+        pool: db.Pool,
+        queries: Mapping[str, str],
+        lanes: Mapping[str, Lane],
+        settings: ProducerSettings,
+        worker_id: str,
+        notify_url: str | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._queries = db.require(queries, QUERIES)
+        self._lanes = lanes
+        self._settings = settings
+        self._worker_id = worker_id
+        self._notify_url = notify_url
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._listen_conn: db.PoolConnection | None = None
+        self._last_sweep = -float("inf")
+
+    def wake(self) -> None:
+        """Look for work now (a notification arrived, or a queue has room again)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim until `stop` is set; then return, leaving queued batches to the senders."""
+        try:
+            while not stop.is_set():
+                await self._listen()
+                try:
+                    if self._clock() - self._last_sweep >= self._settings.poll_interval_s:
+                        self._last_sweep = self._clock()
+                        await self.sweep()
+                    await self.fill(stop)
+                except DB_ERRORS as exc:
+                    log.error("producer_failed", error=str(exc), error_type=type(exc).__name__)
+                await self._wait(stop)
+        finally:
+            await self._unlisten()
+
+    async def fill(self, stop: asyncio.Event | None = None) -> int:
+        """Claim batches while a lane has room and work is due; returns batches claimed."""
+        self._wake.clear()
+        # Campaigns found empty in this pass: a concurrent claimer took their last rows.
+        skip: list[int] = []
+        claimed = 0
+        while stop is None or not stop.is_set():
+            services = [name for name, lane in self._lanes.items() if lane.has_room()]
+            if not services:
+                break
+            row = await self._pool.fetchrow(self._queries["next_campaign"], services, skip)
+            if row is None:
+                break
+            lane = self._lanes[row["service"]]
+            campaign = Campaign.from_record(row, default_sender_id=lane.settings.sender_id)
+            batch_id = await self.claim(campaign, lane)
+            if batch_id is None:
+                skip.append(campaign.id)
+                continue
+            claimed += 1
+        return claimed
+
+    async def claim(self, campaign: Campaign, lane: Lane) -> int | None:
+        """Claim, check and queue one batch of `campaign`; None when nothing was due."""
+        async with self._pool.acquire() as conn:
+            records = await conn.fetch(
+                self._queries["claim_batch"],
+                campaign.id,
+                lane.limiter.max_batch,
+                lane.name,
+                self._worker_id,
+                self._settings.lease_s,
+            )
+            if not records:
+                return None
+            batch_id: int = records[0]["batch_id"]
+            rows = [
+                Claimed(
+                    id=r["id"],
+                    msisdn=r["msisdn"],
+                    variables=r["variables"],
+                    correlation_id=r["correlation_id"],
+                    attempts=r["attempts"],
+                )
+                for r in records
+            ]
+            numbers = normalise_all(rows, default_region=lane.settings.default_region)
+            valid = [n for n in numbers if isinstance(n, str)]
+            suppressed = {
+                r["msisdn"] for r in await conn.fetch(self._queries["suppressed_numbers"], valid)
+            }
+            prepared = prepare(
+                campaign,
+                rows,
+                numbers,
+                suppressed=suppressed,
+                plus_prefix=lane.settings.plus_prefix,
+            )
+            await conn.fetchval(
+                self._queries["prepare_recipients"],
+                batch_id,
+                [p.id for p in prepared],
+                [p.status for p in prepared],
+                [p.msisdn_e164 for p in prepared],
+                [p.encoding for p in prepared],
+                [p.parts for p in prepared],
+                [p.error_code for p in prepared],
+                [p.error_message for p in prepared],
+            )
+        ready = [p for p in prepared if p.destination is not None]
+        log.info(
+            "batch_claimed",
+            campaign_id=campaign.id,
+            batch_id=batch_id,
+            service=lane.name,
+            claimed=len(prepared),
+            destinations=len(ready),
+            invalid=sum(p.status == "invalid" for p in prepared),
+            suppressed=sum(p.status == "suppressed" for p in prepared),
+        )
+        if ready:
+            lane.queue.put_nowait(self._batch(batch_id, campaign, ready))
+        return batch_id
+
+    def _batch(self, batch_id: int, campaign: Campaign, ready: Sequence[Prepared]) -> Batch:
+        settings = payload.MessageSettings(
+            sender_id=campaign.sender_id,
+            priority=campaign.priority,
+            template_id=campaign.template_id,
+            smartlinks=campaign.smartlinks,
+            expires_at=campaign.expires_at,
+            callback_data=campaign.callback_data,
+            notify_url=self._notify_url,
+        )
+        destinations = [p.destination for p in ready if p.destination is not None]
+        return Batch(
+            id=batch_id,
+            campaign_id=campaign.id,
+            service=campaign.service,
+            body=payload.build_body(settings, destinations),
+            recipient_ids=tuple(p.id for p in ready),
+            correlation_ids=tuple(d.correlation_id for d in destinations),
+            attempts=tuple(p.attempts for p in ready),
+            expires_at=campaign.expires_at,
+        )
+
+    async def sweep(self) -> tuple[int, int]:
+        """Cancelled and expired campaigns' pending rows get their final status."""
+        cancelled = await self._sweep("cancel_pending")
+        expired = await self._sweep("expire_pending")
+        if cancelled or expired:
+            log.info("pending_swept", cancelled=cancelled, expired=expired)
+        return cancelled, expired
+
+    async def _sweep(self, name: str) -> int:
+        total = 0
+        while True:
+            status = await self._pool.execute(self._queries[name], SWEEP_CHUNK)
+            count = int(status.split()[-1])
+            total += count
+            if count < SWEEP_CHUNK:
+                return total
+
+    async def _listen(self) -> None:
+        if self._listen_conn is not None and not self._listen_conn.is_closed():
+            return
+        await self._unlisten()
+        try:
+            conn = await self._pool.acquire()
+        except DB_ERRORS as exc:
+            log.warning("listen_failed", error=str(exc), error_type=type(exc).__name__)
+            return
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except DB_ERRORS as exc:
+            log.warning("listen_failed", error=str(exc), error_type=type(exc).__name__)
+            await self._pool.release(conn)
+            return
+        self._listen_conn = conn
+
+    async def _unlisten(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is None:
+            return
+        try:
+            # Best effort: releasing to the pool resets the connection (UNLISTEN) anyway.
+            with contextlib.suppress(*DB_ERRORS):
+                if not conn.is_closed():
+                    await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+        finally:
+            await self._pool.release(conn)
+
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        """Until woken, stopped, or the poll interval passed."""
+        wake = asyncio.ensure_future(self._wake.wait())
+        halt = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait(
+                {wake, halt},
+                timeout=self._settings.poll_interval_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            wake.cancel()
+            halt.cancel()

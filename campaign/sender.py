@@ -1,0 +1,458 @@
+"""The senders: the only users of the aiohttp client for the messaging API.
+
+Each service runs `max_in_flight` loops over its lane's queue. For every batch: acquire
+the service's limiter for its destinations, mark the batch 'posting' (from then on a
+crash leaves it in doubt, never silently pending), POST the body encoded by the
+producer, classify the answer, and write every recipient's outcome and close the batch
+in one statement. Results are matched to recipients by correlation id, never by position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import structlog
+
+from campaign import db, errors
+from campaign.config import ApiSettings, OnTimeout, ProducerSettings
+from campaign.producer import DB_ERRORS, Batch, Lane
+
+log = structlog.get_logger(__name__)
+
+QUERIES = ("mark_posting", "write_results", "release_batch")
+MESSAGING_PATH = "/resources/v1/messaging"
+# Writing results is retried this many times (1 s, 2 s, 4 s apart) before the batch is
+# left to crash recovery, which can only call it in doubt.
+WRITE_ATTEMPTS = 4
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """Per-request trace state, set just before the body is first written to the socket:
+    from then on the API may have the request, so a failure leaves it in doubt."""
+
+    body_sent: bool = False
+
+
+async def _on_chunk_sent(
+    session: aiohttp.ClientSession,
+    ctx: types.SimpleNamespace,
+    params: aiohttp.TraceRequestChunkSentParams,
+) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, _Attempt):
+        attempt.body_sent = True
+
+
+def create_session(*, connections: int) -> aiohttp.ClientSession:
+    """The client session for the API, with the trace that tells 'sent' from 'not sent'."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(_on_chunk_sent)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max(1, connections)),
+        trace_configs=[trace],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base_s: float
+    max_s: float
+
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """Full jitter over base * 2^(attempt-1), capped: retries of many batches spread out."""
+        ceiling = min(self.max_s, self.base_s * 2 ** max(0, attempt - 1))
+        return rng.uniform(0.0, ceiling)
+
+
+@dataclass(slots=True)
+class Plan:
+    """Every recipient's new state, as the arrays write_results takes, and the batch's."""
+
+    batch_status: str
+    ids: list[int] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    transids: list[str | None] = field(default_factory=list)
+    error_codes: list[str | None] = field(default_factory=list)
+    error_messages: list[str | None] = field(default_factory=list)
+    retry_in_s: list[float | None] = field(default_factory=list)
+    attempts_added: list[int] = field(default_factory=list)
+
+    def add(
+        self,
+        recipient_id: int,
+        status: str,
+        *,
+        transid: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        retry_in_s: float | None = None,
+        attempts_added: int = 1,
+    ) -> None:
+        self.ids.append(recipient_id)
+        self.statuses.append(status)
+        self.transids.append(transid)
+        self.error_codes.append(error_code)
+        self.error_messages.append(error_message)
+        self.retry_in_s.append(retry_in_s)
+        self.attempts_added.append(attempts_added)
+
+    def count(self, status: str) -> int:
+        return self.statuses.count(status)
+
+
+_BATCH_STATUS = {
+    "ok": "done",
+    "rejected": "done",
+    "retry": "retry",
+    "in_doubt": "in_doubt",
+    "stop_service": "released",
+}
+
+
+def plan_results(
+    batch: Batch,
+    outcome: errors.Outcome,
+    *,
+    on_timeout: OnTimeout,
+    max_attempts: int,
+    retry_in_s: float,
+    now: datetime,
+) -> Plan:
+    """What each recipient of a posted batch becomes, given the classified answer."""
+    plan = Plan(batch_status=_BATCH_STATUS[outcome.kind])
+    expiring = batch.expires_at is not None and now + timedelta(seconds=retry_in_s) >= (
+        batch.expires_at
+    )
+
+    def retry(i: int, code: str, message: str) -> None:
+        rid = batch.recipient_ids[i]
+        if batch.attempts[i] + 1 >= max_attempts:
+            plan.add(rid, "failed", error_code=code, error_message=message)
+        elif expiring:
+            plan.add(rid, "expired", error_code=code, error_message=message)
+        else:
+            plan.add(rid, "pending", error_code=code, error_message=message, retry_in_s=retry_in_s)
+
+    def in_doubt(i: int, code: str, message: str) -> None:
+        rid = batch.recipient_ids[i]
+        if on_timeout == "fail":
+            plan.add(rid, "failed", error_code=code, error_message=message)
+        elif on_timeout == "resend":
+            if batch.attempts[i] + 1 >= max_attempts:
+                plan.add(rid, "failed", error_code=code, error_message=message)
+            else:
+                plan.add(rid, "pending", error_code=code, error_message=message, retry_in_s=0.0)
+        else:
+            # Wait for a delivery report; resolve_unknown sends again after the grace period.
+            plan.add(rid, "unknown", error_code=code, error_message=message)
+
+    if outcome.kind == "ok":
+        by_correlation: dict[str, errors.DestinationResult] = {}
+        for result in outcome.results:
+            if result.correlation_id is not None:
+                by_correlation.setdefault(result.correlation_id, result)
+        for i, correlation_id in enumerate(batch.correlation_ids):
+            found = by_correlation.get(correlation_id)
+            if found is None:
+                in_doubt(i, "no_result", "no result for this correlation id in the response")
+            elif found.kind == "queued":
+                plan.add(batch.recipient_ids[i], "queued", transid=found.transid)
+            elif found.kind == "retry":
+                retry(i, found.code, found.description)
+            else:
+                plan.add(
+                    batch.recipient_ids[i],
+                    "rejected",
+                    transid=found.transid,
+                    error_code=found.code,
+                    error_message=found.description,
+                )
+        return plan
+    for i, rid in enumerate(batch.recipient_ids):
+        if outcome.kind == "retry":
+            retry(i, outcome.code, outcome.description)
+        elif outcome.kind == "in_doubt":
+            in_doubt(i, outcome.code, outcome.description)
+        elif outcome.kind == "stop_service":
+            # Nothing was sent: the recipients wait, attempts untouched, for a fixed key.
+            plan.add(
+                rid,
+                "pending",
+                error_code=outcome.code,
+                error_message=outcome.description,
+                attempts_added=0,
+            )
+        else:
+            plan.add(rid, "rejected", error_code=outcome.code, error_message=outcome.description)
+    return plan
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: bytes
+    retry_after: str | None
+
+
+class Sender:
+    """One service's senders: `max_in_flight` loops sharing the lane's queue and limiter."""
+
+    def __init__(
+        self,
+        *,
+        pool: db.Pool,
+        queries: Mapping[str, str],
+        lane: Lane,
+        session: aiohttp.ClientSession,
+        api: ApiSettings,
+        producer: ProducerSettings,
+        worker_id: str,
+        on_taken: Callable[[], None] = lambda: None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool = pool
+        self._queries = db.require(queries, QUERIES)
+        self._lane = lane
+        self._session = session
+        self._url = api.base_url.rstrip("/") + MESSAGING_PATH
+        self._timeout = aiohttp.ClientTimeout(total=api.timeout_s)
+        # A request must never outlive its lease, or recovery could resend it mid-flight.
+        self._posting_lease_s = producer.lease_s + api.timeout_s
+        self._backoff = Backoff(base_s=producer.backoff_base_s, max_s=producer.backoff_max_s)
+        self._worker_id = worker_id
+        self._on_taken = on_taken
+        self._rng = rng or random.Random()
+        self.in_flight = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send until `stop` is set; a batch being sent is finished first."""
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(self._lane.settings.max_in_flight):
+                tg.create_task(self._loop(stop))
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while True:
+            batch = await self._next(stop)
+            if batch is None:
+                return
+            self._on_taken()
+            await self.send(batch)
+
+    async def _next(self, stop: asyncio.Event) -> Batch | None:
+        """The next batch, or None once stopping (queued batches are released at exit)."""
+        if stop.is_set():
+            return None
+        get = asyncio.ensure_future(self._lane.queue.get())
+        halt = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({get, halt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halt.cancel()
+            get.cancel()
+        if get.cancelled() or stop.is_set():
+            return None
+        return get.result()
+
+    async def send(self, batch: Batch) -> errors.Outcome | None:
+        """Send one batch and store its results; None when it was not posted."""
+        blog = log.bind(campaign_id=batch.campaign_id, batch_id=batch.id, attempt=batch.attempt)
+        if not self._lane.stopped:
+            await self._lane.limiter.acquire(batch.destinations)
+        if self._lane.stopped:
+            await self._release(batch, "service_stopped", "the service was stopped", blog)
+            return None
+        if batch.expires_at is not None and batch.expires_at <= datetime.now(UTC):
+            outcome = errors.Outcome("rejected", "expired", "campaign expired before sending")
+            plan = Plan(batch_status="done")
+            for rid in batch.recipient_ids:
+                plan.add(rid, "expired", error_code="expired", attempts_added=0)
+            await self._write(batch, plan, outcome, None, 0, blog)
+            blog.info("batch_expired", destinations=batch.destinations)
+            return None
+        try:
+            posted = await self._pool.fetchval(
+                self._queries["mark_posting"], batch.id, self._worker_id, self._posting_lease_s
+            )
+        except DB_ERRORS as exc:
+            blog.error("batch_not_posted", error=str(exc), error_type=type(exc).__name__)
+            return None
+        if posted is None:
+            # Recovery took the batch back after its lease ran out; it may be claimed again.
+            blog.warning("batch_lease_lost")
+            return None
+
+        attempt = _Attempt()
+        started = time.monotonic()
+        http_status: int | None = None
+        self.in_flight += 1
+        try:
+            response = await self._post(batch, attempt)
+            http_status = response.status
+            outcome = errors.classify(
+                response.status,
+                response.body,
+                body_sent=True,
+                retry_after=response.retry_after,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            outcome = errors.classify(None, exc, body_sent=attempt.body_sent)
+        except asyncio.CancelledError:
+            # Stopping past the grace period: store what is known before going.
+            if attempt.body_sent:
+                outcome = errors.Outcome("in_doubt", "worker_stopped", "stopped mid-request")
+                await asyncio.shield(self._finish(batch, outcome, None, _ms_since(started), blog))
+            else:
+                await asyncio.shield(
+                    self._release(batch, "worker_stopped", "stopped before sending", blog)
+                )
+            raise
+        finally:
+            self.in_flight -= 1
+        # Shielded: once the API answered, its answer is stored even if the worker stops.
+        await asyncio.shield(self._finish(batch, outcome, http_status, _ms_since(started), blog))
+        return outcome
+
+    async def _post(self, batch: Batch, attempt: _Attempt) -> _Response:
+        headers = {"key": self._lane.settings.key, "Content-Type": "application/json"}
+        async with self._session.post(
+            self._url,
+            data=batch.body,
+            headers=headers,
+            timeout=self._timeout,
+            allow_redirects=False,
+            trace_request_ctx=attempt,
+        ) as resp:
+            body = await resp.read()
+            return _Response(resp.status, body, resp.headers.get("Retry-After"))
+
+    async def _finish(
+        self,
+        batch: Batch,
+        outcome: errors.Outcome,
+        http_status: int | None,
+        duration_ms: int,
+        blog: Any,
+    ) -> None:
+        settings = self._lane.settings
+        retry_in_s = self._backoff.delay_s(batch.attempt, self._rng)
+        if outcome.retry_after_s is not None:
+            retry_in_s = max(retry_in_s, outcome.retry_after_s)
+        plan = plan_results(
+            batch,
+            outcome,
+            on_timeout=settings.on_timeout,
+            max_attempts=settings.max_attempts,
+            retry_in_s=retry_in_s,
+            now=datetime.now(UTC),
+        )
+        await self._write(batch, plan, outcome, http_status, duration_ms, blog)
+
+        rate_limited = http_status == 429 or outcome.code == errors.RATE_LIMITED
+        rate_limited |= any(r.code == errors.RATE_LIMITED for r in outcome.results)
+        if rate_limited:
+            self._lane.limiter.record_rate_limited()
+        elif outcome.kind == "ok":
+            self._lane.limiter.record_success()
+
+        accepted, rejected = plan.count("queued"), plan.count("rejected")
+        if outcome.kind in ("ok", "rejected"):
+            blog.info(
+                "batch_sent",
+                destinations=batch.destinations,
+                accepted=accepted,
+                rejected=rejected,
+                retried=plan.count("pending"),
+                in_doubt=plan.count("unknown"),
+                http_status=http_status,
+                duration_ms=duration_ms,
+                error_code=None if outcome.kind == "ok" else outcome.code,
+            )
+        elif outcome.kind == "retry":
+            blog.warning(
+                "send_retry_scheduled",
+                reason=outcome.description,
+                error_code=outcome.code,
+                retry_in_s=round(retry_in_s, 3),
+                failed=plan.count("failed"),
+                http_status=http_status,
+                duration_ms=duration_ms,
+            )
+        elif outcome.kind == "in_doubt":
+            blog.warning(
+                "batch_in_doubt",
+                reason=outcome.description,
+                error_code=outcome.code,
+                on_timeout=settings.on_timeout,
+                destinations=batch.destinations,
+                http_status=http_status,
+                duration_ms=duration_ms,
+            )
+        else:
+            self._lane.stop(error_code=outcome.code, description=outcome.description)
+
+    async def _write(
+        self,
+        batch: Batch,
+        plan: Plan,
+        outcome: errors.Outcome,
+        http_status: int | None,
+        duration_ms: int,
+        blog: Any,
+    ) -> None:
+        """Store the plan and close the batch, retrying a failing database a few times."""
+        args = (
+            batch.id,
+            plan.ids,
+            plan.statuses,
+            plan.transids,
+            plan.error_codes,
+            plan.error_messages,
+            plan.retry_in_s,
+            plan.attempts_added,
+            plan.batch_status,
+            batch.destinations,
+            plan.count("queued"),
+            plan.count("rejected"),
+            http_status,
+            None if outcome.kind == "ok" else outcome.code,
+            None if outcome.kind == "ok" else outcome.description,
+            duration_ms,
+        )
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                await self._pool.fetchval(self._queries["write_results"], *args)
+                return
+            except DB_ERRORS as exc:
+                blog.error(
+                    "results_write_failed",
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                    will_retry=attempt + 1 < WRITE_ATTEMPTS,
+                )
+                if attempt + 1 < WRITE_ATTEMPTS:
+                    await asyncio.sleep(2**attempt)
+
+    async def _release(self, batch: Batch, code: str, message: str, blog: Any) -> None:
+        try:
+            await self._pool.fetchval(self._queries["release_batch"], batch.id, code, message)
+        except DB_ERRORS as exc:
+            # The lease runs out and recovery returns the rows to pending instead.
+            blog.error("batch_release_failed", error=str(exc), error_type=type(exc).__name__)
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def sessions_needed(lanes: Sequence[Lane]) -> int:
+    """Connections for every request that may be in flight at once."""
+    return sum(lane.settings.max_in_flight for lane in lanes)

@@ -1,0 +1,141 @@
+-- The producer: picks the campaign to serve, claims a batch of its pending recipients under
+-- a lease, records what rendering found, and sweeps pending rows that can no longer be sent.
+
+-- name: next_campaign
+-- The campaign the next batch comes from: runnable (ready or running, send_after passed,
+-- not expired), on a service this worker sends for and has room for, with at least one
+-- recipient due now; highest priority first, then oldest. Campaigns a concurrent claimer
+-- just emptied are passed in $2 so one pass does not spin on them.
+-- $1 services (text[]), $2 campaign ids to skip (bigint[])
+SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.priority,
+       c.expires_at, c.callback_data
+  FROM campaign.campaigns c
+ WHERE c.status IN ('ready', 'running')
+   AND c.service = ANY($1::text[])
+   AND NOT c.id = ANY($2::bigint[])
+   AND (c.send_after IS NULL OR c.send_after <= now())
+   AND (c.expires_at IS NULL OR c.expires_at > now())
+   AND EXISTS (
+        SELECT 1
+          FROM campaign.recipients r
+         WHERE r.campaign_id = c.id
+           AND r.status = 'pending'
+           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now()))
+ ORDER BY c.priority DESC, c.id
+ LIMIT 1;
+
+-- name: claim_batch
+-- Claim up to $2 due recipients of one campaign, oldest first, for this worker: a batches
+-- row holds the lease, the recipients move to 'sending' with its id. SKIP LOCKED lets two
+-- workers claim from one campaign at once without ever taking the same row; the campaign
+-- check is repeated here so a pause or cancel committed since next_campaign wins. A ready
+-- campaign becomes running on its first claim. No row is returned when nothing was due.
+-- $1 campaign id, $2 batch size, $3 service, $4 worker id, $5 lease seconds
+WITH picked AS (
+    SELECT r.id
+      FROM campaign.recipients r
+     WHERE r.campaign_id = $1
+       AND r.status = 'pending'
+       AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+       AND EXISTS (
+            SELECT 1
+              FROM campaign.campaigns c
+             WHERE c.id = $1
+               AND c.status IN ('ready', 'running')
+               AND (c.expires_at IS NULL OR c.expires_at > now()))
+     ORDER BY r.id
+     LIMIT $2
+       FOR UPDATE OF r SKIP LOCKED
+), batch AS (
+    INSERT INTO campaign.batches (campaign_id, service, worker_id, lease_until, destinations)
+    SELECT $1, $3, $4, now() + make_interval(secs => $5), count(*)
+      FROM picked
+    HAVING count(*) > 0
+    RETURNING id
+), started AS (
+    UPDATE campaign.campaigns
+       SET status = 'running', started_at = coalesce(started_at, now())
+     WHERE id = $1 AND status = 'ready' AND EXISTS (SELECT 1 FROM batch)
+)
+UPDATE campaign.recipients r
+   SET status = 'sending', batch_id = batch.id, updated_at = now()
+  FROM picked, batch
+ WHERE r.id = picked.id
+RETURNING r.id, r.batch_id, r.msisdn, r.variables, r.correlation_id, r.attempts;
+
+-- name: suppressed_numbers
+-- Which of these E.164 numbers (with '+') are opted out.
+-- $1 numbers (text[])
+SELECT msisdn FROM campaign.suppressions WHERE msisdn = ANY($1::text[]);
+
+-- name: prepare_recipients
+-- Record what rendering found for every claimed row in one statement: the normalised
+-- number, encoding and parts; rows that must not be sent also get their final status
+-- (invalid / suppressed) and reason and leave the batch. The batch keeps the count still
+-- to send and is closed at once when that is zero (nothing will be posted).
+-- $1 batch id; arrays of equal length: $2 ids, $3 statuses ('sending' to keep sending),
+-- $4 msisdn_e164, $5 encodings, $6 parts, $7 error codes, $8 error messages
+WITH found AS (
+    SELECT *
+      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::smallint[],
+                  $7::text[], $8::text[])
+           AS u(id, status, msisdn_e164, encoding, parts, error_code, error_message)
+), updated AS (
+    UPDATE campaign.recipients r
+       SET status = u.status,
+           msisdn_e164 = u.msisdn_e164,
+           encoding = u.encoding,
+           parts = u.parts,
+           error_code = CASE WHEN u.status = 'sending' THEN r.error_code ELSE u.error_code END,
+           error_message = CASE WHEN u.status = 'sending' THEN r.error_message
+                                ELSE u.error_message END,
+           updated_at = now()
+      FROM found u
+     WHERE r.id = u.id AND r.batch_id = $1 AND r.status = 'sending'
+    RETURNING r.status
+)
+UPDATE campaign.batches b
+   SET destinations = (SELECT count(*) FROM updated WHERE status = 'sending'),
+       status = CASE WHEN (SELECT count(*) FROM updated WHERE status = 'sending') = 0
+                     THEN 'done' ELSE b.status END,
+       finished_at = CASE WHEN (SELECT count(*) FROM updated WHERE status = 'sending') = 0
+                          THEN now() ELSE b.finished_at END
+ WHERE b.id = $1
+RETURNING b.destinations;
+
+-- name: cancel_pending
+-- Unsent recipients of cancelled campaigns become 'cancelled'; rows in flight finish.
+-- Bounded per call so a huge campaign does not hold one long transaction; call again
+-- while it returns $1.
+-- $1 maximum rows
+WITH doomed AS (
+    SELECT r.id
+      FROM campaign.campaigns c
+      JOIN campaign.recipients r ON r.campaign_id = c.id AND r.status = 'pending'
+     WHERE c.status = 'cancelled'
+     LIMIT $1
+       FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE campaign.recipients r
+   SET status = 'cancelled', next_attempt_at = NULL, updated_at = now()
+  FROM doomed
+ WHERE r.id = doomed.id;
+
+-- name: expire_pending
+-- Unsent recipients of campaigns past expires_at become 'expired': the API would refuse
+-- them (7005) and a late message is worse than none. Bounded like cancel_pending.
+-- $1 maximum rows
+WITH doomed AS (
+    SELECT r.id
+      FROM campaign.campaigns c
+      JOIN campaign.recipients r ON r.campaign_id = c.id AND r.status = 'pending'
+     WHERE c.status IN ('ready', 'running', 'paused')
+       AND c.expires_at <= now()
+     LIMIT $1
+       FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE campaign.recipients r
+   SET status = 'expired', error_code = 'expired', error_message = 'campaign expired before sending',
+       next_attempt_at = NULL, updated_at = now()
+  FROM doomed
+ WHERE r.id = doomed.id;

@@ -1,0 +1,123 @@
+"""What each recipient becomes after a classified answer (sender.plan_results)."""
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from campaign import errors
+from campaign.producer import Batch
+from campaign.sender import Backoff, plan_results
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def batch(n: int = 3, *, attempts: int = 0, expires_at: datetime | None = None) -> Batch:
+    return Batch(
+        id=7,
+        campaign_id=1,
+        service="default",
+        body=b"{}",
+        recipient_ids=tuple(range(100, 100 + n)),
+        correlation_ids=tuple(f"c{i}" for i in range(n)),
+        attempts=(attempts,) * n,
+        expires_at=expires_at,
+    )
+
+
+def plan(b: Batch, outcome: errors.Outcome, *, on_timeout: str = "resolve", max_attempts: int = 5):
+    return plan_results(
+        b,
+        outcome,
+        on_timeout=on_timeout,  # type: ignore[arg-type]
+        max_attempts=max_attempts,
+        retry_in_s=10.0,
+        now=NOW,
+    )
+
+
+def result(code: str, cid: str | None, transid: str | None = None) -> errors.DestinationResult:
+    return errors.DestinationResult(code, "desc", transid, cid)
+
+
+def test_results_are_matched_by_correlation_id_not_position() -> None:
+    outcome = errors.Outcome(
+        "ok",
+        "1001",
+        "results",
+        results=(
+            result("7004", "c2", "t2"),
+            result("1001", "zzz", "tz"),
+            result("1001", "c0", "t0"),
+            result("7020", "c1"),
+        ),
+    )
+    p = plan(batch(4), outcome)
+    assert p.batch_status == "done"
+    assert p.ids == [100, 101, 102, 103]
+    assert p.statuses == ["queued", "pending", "rejected", "unknown"]
+    assert p.transids == ["t0", None, "t2", None]
+    assert p.error_codes == [None, "7020", "7004", "no_result"]
+    assert p.retry_in_s == [None, 10.0, None, None]
+    assert p.attempts_added == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("on_timeout", "status", "retry_in_s"),
+    [("resolve", "unknown", None), ("resend", "pending", 0.0), ("fail", "failed", None)],
+)
+def test_in_doubt_follows_on_timeout(
+    on_timeout: str, status: str, retry_in_s: float | None
+) -> None:
+    p = plan(batch(2), errors.Outcome("in_doubt", "timeout", "t"), on_timeout=on_timeout)
+    assert p.batch_status == "in_doubt"
+    assert p.statuses == [status, status]
+    assert p.retry_in_s == [retry_in_s, retry_in_s]
+    assert p.error_codes == ["timeout", "timeout"]
+    assert p.attempts_added == [1, 1]
+
+
+def test_resend_stops_when_attempts_are_used_up() -> None:
+    p = plan(batch(1, attempts=4), errors.Outcome("in_doubt", "timeout", "t"), on_timeout="resend")
+    assert p.statuses == ["failed"]
+
+
+def test_retry_backs_off_then_fails_after_max_attempts() -> None:
+    p = plan(batch(2), errors.Outcome("retry", "7006", "internal"))
+    assert (p.batch_status, p.statuses, p.retry_in_s) == ("retry", ["pending"] * 2, [10.0] * 2)
+    p = plan(batch(2, attempts=4), errors.Outcome("retry", "7006", "internal"))
+    assert p.statuses == ["failed", "failed"]
+    assert p.error_codes == ["7006", "7006"]
+    assert p.error_messages == ["internal", "internal"]
+
+
+def test_a_retry_that_would_land_after_expiry_expires_instead() -> None:
+    soon = batch(1, expires_at=NOW + timedelta(seconds=5))
+    assert plan(soon, errors.Outcome("retry", "7020", "rate")).statuses == ["expired"]
+    later = batch(1, expires_at=NOW + timedelta(seconds=60))
+    assert plan(later, errors.Outcome("retry", "7020", "rate")).statuses == ["pending"]
+
+
+def test_stop_service_leaves_recipients_pending_without_counting_an_attempt() -> None:
+    p = plan(batch(2, attempts=4), errors.Outcome("stop_service", "7001", "auth"))
+    assert p.batch_status == "released"
+    assert p.statuses == ["pending", "pending"]
+    assert p.attempts_added == [0, 0]
+    assert p.retry_in_s == [None, None]
+
+
+def test_rejected_request_rejects_every_recipient_with_the_code() -> None:
+    p = plan(batch(2), errors.Outcome("rejected", "7108", "Invalid template"))
+    assert p.batch_status == "done"
+    assert p.statuses == ["rejected", "rejected"]
+    assert p.error_codes == ["7108", "7108"]
+    assert p.count("rejected") == 2
+
+
+def test_backoff_is_capped_full_jitter() -> None:
+    backoff = Backoff(base_s=2.0, max_s=30.0)
+    rng = random.Random(1)
+    for attempt, ceiling in [(1, 2.0), (2, 4.0), (4, 16.0), (5, 30.0), (20, 30.0)]:
+        delays = [backoff.delay_s(attempt, rng) for _ in range(200)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.8  # jitter spreads over the whole range
