@@ -1,0 +1,179 @@
+"""The reconciler: stored delivery reports -> recipient statuses, and campaign completion.
+
+Each pass runs a few set-based statements (sql/queries/reconciler.sql): match new reports
+to recipients and apply the winning report per recipient, mark long-unmatched reports
+orphaned, fail recipients whose final report never came, complete finished campaigns.
+Reports for recipients the sender has not finished with wait, durably, in state 'new'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from campaign import db, reports
+from campaign.config import ReconcilerSettings
+
+log = structlog.get_logger(__name__)
+
+QUERY_NAMES = (
+    "reconcile_match_reports",
+    "reconcile_orphan_reports",
+    "reconcile_report_timeout",
+    "reconcile_complete_campaigns",
+)
+
+# Statuses in a campaign_completed line, present or not, so every line has the same keys.
+FINAL_STATUSES = (
+    "delivered",
+    "failed",
+    "expired",
+    "rejected",
+    "invalid",
+    "suppressed",
+    "cancelled",
+)
+
+# Errors that mean "the database is not there right now": the loop logs and tries again.
+_DATABASE_ERRORS = (
+    db.PostgresError,
+    db.InterfaceError,
+    db.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    """What one pass did."""
+
+    reports_examined: int = 0
+    reports_matched: int = 0
+    recipients_updated: int = 0
+    reports_orphaned: int = 0
+    recipients_timed_out: int = 0
+    campaigns_completed: int = 0
+    # The match step took a full batch: more reports may be waiting, run again at once.
+    full: bool = False
+
+    @property
+    def reports_waiting(self) -> int:
+        return self.reports_examined - self.reports_matched
+
+    @property
+    def did_work(self) -> bool:
+        return bool(
+            self.reports_matched
+            or self.recipients_updated
+            or self.reports_orphaned
+            or self.recipients_timed_out
+            or self.campaigns_completed
+        )
+
+
+class Reconciler:
+    def __init__(
+        self, *, pool: db.Pool, settings: ReconcilerSettings, queries: Mapping[str, str]
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._queries = db.require(queries, QUERY_NAMES)
+        self._codes = list(reports.CODE_STATUS)
+        self._statuses = list(reports.CODE_STATUS.values())
+        # Keyset cursor over new reports; back to 0 after a pass that was not full.
+        self._after_id = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Pass every interval_s until `stop` is set; again at once after a full pass."""
+        while not stop.is_set():
+            try:
+                result = await self.run_once()
+            except _DATABASE_ERRORS as exc:
+                log.warning("reconcile_failed", error=str(exc), error_type=type(exc).__name__)
+                result = ReconcileResult()
+            if result.full:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._settings.interval_s)
+
+    async def run_once(self) -> ReconcileResult:
+        """One pass: match, orphan, time out, complete. Each step commits on its own."""
+        started = time.monotonic()
+        s = self._settings
+        async with self._pool.acquire() as conn:
+            match = await conn.fetchrow(
+                self._queries["reconcile_match_reports"],
+                self._after_id,
+                s.batch_size,
+                self._codes,
+                self._statuses,
+                reports.OTHER_CODE_STATUS,
+            )
+            assert match is not None
+            examined = int(match["examined"])
+            full = examined >= s.batch_size
+            self._after_id = int(match["last_id"]) if full else 0
+
+            orphans = await conn.fetch(
+                self._queries["reconcile_orphan_reports"], s.orphan_after_s, s.batch_size
+            )
+            for row in orphans:
+                log.warning(
+                    "report_orphaned",
+                    report_id=row["id"],
+                    transid=row["transid"],
+                    correlation_id=row["correlation_id"],
+                    code=row["code"],
+                    orphan_after_s=s.orphan_after_s,
+                )
+
+            timed_out = await conn.fetch(
+                self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size
+            )
+            for row in timed_out:
+                log.warning(
+                    "reports_timed_out",
+                    campaign_id=row["campaign_id"],
+                    recipients=row["recipients"],
+                    report_timeout_s=s.report_timeout_s,
+                )
+
+            completed = await conn.fetch(self._queries["reconcile_complete_campaigns"])
+            for row in completed:
+                counts: Mapping[str, int] = row["counts"]
+                per_status = {status: int(counts.get(status, 0)) for status in FINAL_STATUSES}
+                log.info(
+                    "campaign_completed",
+                    campaign_id=row["campaign_id"],
+                    recipients=sum(counts.values()),
+                    **per_status,
+                )
+
+        result = ReconcileResult(
+            reports_examined=examined,
+            reports_matched=int(match["matched"]),
+            recipients_updated=int(match["updated"]),
+            reports_orphaned=len(orphans),
+            recipients_timed_out=sum(int(r["recipients"]) for r in timed_out),
+            campaigns_completed=len(completed),
+            full=full,
+        )
+        if result.did_work:
+            log.info(
+                "reconcile_finished",
+                reports_examined=result.reports_examined,
+                reports_matched=result.reports_matched,
+                reports_waiting=result.reports_waiting,
+                recipients_updated=result.recipients_updated,
+                reports_orphaned=result.reports_orphaned,
+                recipients_timed_out=result.recipients_timed_out,
+                campaigns_completed=result.campaigns_completed,
+                duration_ms=round((time.monotonic() - started) * 1000),
+            )
+        return result

@@ -1,0 +1,303 @@
+"""Delivery reports (DR) and incoming messages (MO), pure: parsing, the code table, opt-outs.
+
+Parsers take the raw request body and either return frozen dataclasses or raise
+`ParseError` with a reason an operator can read; they never raise anything else, whatever
+JSON arrives. Field names are matched case-insensitively (`Description` / `description`,
+`timeStamp` / `timestamp`), because the platform's payloads vary between versions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from campaign import sms
+
+# The code -> recipient status table, the only place it exists. The reconciler passes it
+# to its SQL as parameters. `queued` marks an interim report: the message is on its way,
+# the recipient keeps waiting for a final one.
+DELIVERED = "delivered"
+EXPIRED = "expired"
+FAILED = "failed"
+INTERIM = "queued"
+CODE_STATUS: Mapping[str, str] = {"7500": DELIVERED, "7208": EXPIRED, "7501": INTERIM}
+# Every code not in the table is a final failure (7004, 7101, 7201, ... and any new one).
+OTHER_CODE_STATUS = FAILED
+
+OptOutAction = Literal["opt_out", "opt_in"]
+
+# Text columns cannot hold NUL; a body carrying one would fail the whole group's INSERT.
+_NUL = "\x00"
+_MAX_INT4 = 2**31 - 1
+_E164_DIGITS = re.compile(r"^\+?([1-9][0-9]{6,14})$")
+# Epoch numbers above this are milliseconds (1e11 seconds is the year 5138).
+_EPOCH_MS_THRESHOLD = 100_000_000_000
+
+
+class ParseError(ValueError):
+    """A body that cannot be stored as reports or messages; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    transid: str | None
+    correlation_id: str | None
+    code: str
+    delivery_status: str | None
+    description: str | None
+    destination: str | None
+    reported_at: datetime | None
+    callback_data: str | None
+    message_count: int | None
+    carrier: str | None
+    subtid: str | None
+    additional_info: Any
+    # The notification object as received, kept in delivery_reports.raw.
+    raw: Mapping[str, Any]
+
+    @property
+    def dedup_key(self) -> tuple[str, str, str]:
+        """The stored identity (transid, code, reported_at), as strings for sorting."""
+        at = self.reported_at.isoformat() if self.reported_at else ""
+        return (self.transid or "", self.code, at)
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    oa: str
+    da: str | None
+    message: str
+    tid: str | None
+    user_id: str | None
+    channel: str | None
+    # The platform's `datetime` as sent: its format and zone are not documented.
+    sent_at: str | None
+    raw: Mapping[str, Any]
+
+
+def status_for_code(code: str) -> str:
+    """The recipient status a report code leads to; `queued` means interim."""
+    return CODE_STATUS.get(code, OTHER_CODE_STATUS)
+
+
+def is_final(code: str) -> bool:
+    return status_for_code(code) != INTERIM
+
+
+def parse_delivery_reports(body: bytes) -> list[DeliveryReport]:
+    """One DR notification or a JSON array of them; all of them or ParseError."""
+    items = _items(body)
+    reports = []
+    for index, item in enumerate(items):
+        try:
+            reports.append(_delivery_report(item))
+        except ParseError as exc:
+            where = f"item {index}: " if len(items) > 1 else ""
+            raise ParseError(f"{where}{exc.reason}") from None
+    return reports
+
+
+def parse_incoming_messages(body: bytes) -> list[IncomingMessage]:
+    """One MO or a JSON array of them; all of them or ParseError."""
+    items = _items(body)
+    messages = []
+    for index, item in enumerate(items):
+        try:
+            messages.append(_incoming_message(item))
+        except ParseError as exc:
+            where = f"item {index}: " if len(items) > 1 else ""
+            raise ParseError(f"{where}{exc.reason}") from None
+    return messages
+
+
+def optout_action(
+    message: str, *, stop_keywords: Iterable[str], start_keywords: Iterable[str]
+) -> OptOutAction | None:
+    """`opt_out` / `opt_in` when the first word is a keyword (any case), else None.
+
+    Punctuation around the word is ignored, so "Stop." and "STOP!" count; "stopping" does not.
+    """
+    words = message.split(maxsplit=1)
+    if not words:
+        return None
+    word = words[0].strip(".,;:!?'\"()[]{}-_*").casefold()
+    if not word:
+        return None
+    if word in {k.casefold() for k in stop_keywords}:
+        return "opt_out"
+    if word in {k.casefold() for k in start_keywords}:
+        return "opt_in"
+    return None
+
+
+def normalise_oa(oa: str) -> str | None:
+    """The sender of an MO as E.164 with '+', the form campaign.suppressions holds.
+
+    Uses the sending pipeline's normaliser so a suppression matches the recipients'
+    msisdn_e164; a number it refuses (phonenumbers' metadata may lag new ranges) is still
+    kept as '+digits' when it looks like E.164, because losing an opt-out is the worse error.
+    None when `oa` is not a phone number at all (a short code or an alphanumeric sender).
+    """
+    try:
+        return sms.normalise_msisdn(oa)
+    except ValueError:
+        pass
+    match = _E164_DIGITS.match(oa.strip().replace(" ", ""))
+    return "+" + match.group(1) if match else None
+
+
+def _items(body: bytes) -> list[Mapping[str, Any]]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError(f"not valid JSON: {exc}") from None
+    items = data if isinstance(data, list) else [data]
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ParseError(f"item {index}: expected a JSON object, got {_kind(item)}")
+    if _has_nul(data):
+        raise ParseError("a string holds a NUL character")
+    return items
+
+
+def _delivery_report(item: Mapping[str, Any]) -> DeliveryReport:
+    top = _folded(item)
+    notification = top.get("deliveryinfonotification")
+    if not isinstance(notification, dict):
+        raise ParseError("deliveryInfoNotification: missing or not an object")
+    outer = _folded(notification)
+    info_value = outer.get("deliveryinfo")
+    if not isinstance(info_value, dict):
+        raise ParseError("deliveryInfo: missing or not an object")
+    info = _folded(info_value)
+
+    def pick(key: str) -> Any:
+        # Fields documented at one level have been seen at the other; the outer one wins.
+        value = outer.get(key)
+        return info.get(key) if value is None else value
+
+    code = _text(info.get("code"), "code")
+    if not code:
+        raise ParseError("deliveryInfo.code: missing")
+    transid = _text(pick("transid"), "transid")
+    correlation_id = _text(pick("correlationid"), "correlationid")
+    if not transid and not correlation_id:
+        raise ParseError("neither transid nor correlationid: the report cannot be matched")
+    return DeliveryReport(
+        transid=transid or None,
+        correlation_id=correlation_id or None,
+        code=code,
+        delivery_status=_text(info.get("deliverystatus"), "deliveryStatus"),
+        description=_text(info.get("description"), "description"),
+        destination=_text(info.get("destination"), "destination"),
+        reported_at=_timestamp(info.get("timestamp"), "timeStamp"),
+        callback_data=_text(pick("callbackdata"), "callbackData"),
+        message_count=_count(pick("messagecount")),
+        carrier=_loose_text(pick("carrier")),
+        subtid=_loose_text(pick("subtid")),
+        additional_info=pick("additionalinfo"),
+        raw=item,
+    )
+
+
+def _incoming_message(item: Mapping[str, Any]) -> IncomingMessage:
+    fields = _folded(item)
+    oa = _text(fields.get("oa"), "oa")
+    if not oa:
+        raise ParseError("oa: missing")
+    return IncomingMessage(
+        oa=oa,
+        da=_text(fields.get("da"), "da"),
+        message=_text(fields.get("message"), "message") or "",
+        tid=_text(fields.get("tid"), "tid") or None,
+        user_id=_text(fields.get("userid"), "userId"),
+        channel=_text(fields.get("channel"), "channel"),
+        sent_at=_text(fields.get("datetime"), "datetime"),
+        raw=item,
+    )
+
+
+def _folded(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {key.casefold(): value for key, value in obj.items()}
+
+
+def _text(value: Any, name: str) -> str | None:
+    """A field the reconciler or an operator relies on: text or a number, else an error."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ParseError(f"{name}: expected text, got {_kind(value)}")
+
+
+def _loose_text(value: Any) -> str | None:
+    """An informational field: an odd value is dropped (raw keeps it), never an error."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INT4:
+        return value
+    return None
+
+
+def _timestamp(value: Any, name: str) -> datetime | None:
+    """ISO 8601 with or without an offset (none means UTC), or epoch seconds / milliseconds."""
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = value / 1000 if abs(value) >= _EPOCH_MS_THRESHOLD else value
+            return datetime.fromtimestamp(seconds, UTC)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.isdecimal():
+                return _timestamp(int(text), name)
+            parsed = datetime.fromisoformat(text)
+            if parsed.tzinfo is None:
+                return parsed.replace(tzinfo=UTC)
+            return parsed.astimezone(UTC)
+    except (ValueError, OverflowError, OSError):
+        raise ParseError(f"{name}: not a timestamp: {str(value)[:64]!r}") from None
+    raise ParseError(f"{name}: expected a timestamp, got {_kind(value)}")
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return _NUL in value
+    if isinstance(value, dict):
+        return any(_NUL in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, str):
+        return "text"
+    return "a number"

@@ -1,0 +1,542 @@
+"""The webhook receiver: delivery reports (DR) and incoming messages (MO) over HTTP.
+
+A 200 means the body is committed. Delivery reports from concurrent requests are
+committed together: each request hands its parsed reports to one flusher task and
+waits; the flusher takes everything waiting (up to `group_max` reports) and stores it
+with one INSERT, so one durable commit serves many requests. It flushes as soon as it is
+free, never after a fixed sleep: reports arriving during a commit form the next group.
+
+Status codes (the platform retries a callback it could not deliver, not most 4xx):
+200 committed · 400 unparseable, kept in campaign.webhook_rejects · 403 source network
+or signature refused · 404 unknown path or wrong token · 413 body over max_body_bytes ·
+503 database unavailable, retry later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import signal
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+import prometheus_client
+import structlog
+from aiohttp import web
+
+from campaign import config, db, reports
+from campaign.config import OptOutSettings, WebhookSettings
+from campaign.reports import DeliveryReport, IncomingMessage, ParseError
+
+log = structlog.get_logger(__name__)
+
+QUERY_NAMES = ("webhook_insert_reports", "webhook_store_incoming", "webhook_insert_reject")
+
+KINDS = ("dr", "mo")
+SIGNATURE_HEADER = "X-Hub-Signature"
+
+# Class 22 (data exception) and 23 (integrity): the rows themselves are at fault, not the
+# database. The parser should make these impossible; if one slips through, only the request
+# that carries it is refused instead of every request sharing its group.
+_DATA_SQLSTATE_CLASSES = ("22", "23")
+_DATABASE_ERRORS = (
+    db.PostgresError,
+    db.InterfaceError,
+    db.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+_RETRY_AFTER_S = "5"
+
+
+class DatabaseUnavailable(Exception):
+    """The store failed for reasons outside the request: answer 503."""
+
+
+class StoreRefused(Exception):
+    """The database refused this request's rows: keep the body as a reject, answer 400."""
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    # asyncpg's own argument-encoding errors are ValueErrors.
+    return sqlstate[:2] in _DATA_SQLSTATE_CLASSES or (
+        isinstance(exc, ValueError) and isinstance(exc, db.InterfaceError)
+    )
+
+
+@dataclass(slots=True)
+class WebhookStats:
+    """Counters for tests and, later, metrics."""
+
+    dr_requests: int = 0
+    mo_requests: int = 0
+    reports_received: int = 0
+    reports_stored: int = 0
+    groups_committed: int = 0
+    rejected: int = 0
+    unauthorized: int = 0
+    unavailable: int = 0
+
+
+@dataclass(slots=True)
+class _Waiting:
+    reports: Sequence[DeliveryReport]
+    future: asyncio.Future[int] = field(repr=False)
+
+
+class GroupCommitter:
+    """Commits the delivery reports of many concurrent requests in one statement."""
+
+    def __init__(
+        self,
+        *,
+        pool: db.Pool,
+        sql: str,
+        group_max: int,
+        timeout_s: float,
+        stats: WebhookStats,
+    ) -> None:
+        self._pool = pool
+        self._sql = sql
+        self._group_max = group_max
+        self._timeout_s = timeout_s
+        self._stats = stats
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._wake = asyncio.Event()
+        self._failing = False
+
+    async def submit(self, items: Sequence[DeliveryReport]) -> int:
+        """Wait until `items` are committed; returns how many were new (not duplicates).
+
+        Raises DatabaseUnavailable or StoreRefused.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(items, future))
+        self._wake.set()
+        return await future
+
+    async def run(self) -> None:
+        """The flusher: forever, take what is waiting and commit it."""
+        group: list[_Waiting] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._waiting:
+                    group = self._take()
+                    await self._flush(group)
+        finally:
+            self._waiting.extendleft(reversed(group))
+            self.close()
+
+    def close(self) -> None:
+        """Answer everyone still waiting with DatabaseUnavailable (a 503: sent again later)."""
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(DatabaseUnavailable("receiver stopping"))
+
+    def _take(self) -> list[_Waiting]:
+        """Whole requests, oldest first, up to group_max reports (at least one request)."""
+        group: list[_Waiting] = []
+        count = 0
+        while self._waiting:
+            head = self._waiting[0]
+            if head.future.done():
+                # Its handler is gone (client disconnected): nobody waits for an answer.
+                self._waiting.popleft()
+                continue
+            if group and count + len(head.reports) > self._group_max:
+                break
+            group.append(self._waiting.popleft())
+            count += len(head.reports)
+        return group
+
+    async def _flush(self, group: list[_Waiting]) -> None:
+        if not group:
+            return
+        try:
+            stored = await self._insert([r for w in group for r in w.reports])
+        except Exception as exc:
+            # Whatever went wrong, the flusher lives on and every waiter gets an answer:
+            # a 503 is always safe, the platform sends the report again.
+            if _is_data_error(exc) and len(group) > 1:
+                # Find the request at fault: each alone, so the others still commit.
+                for waiting in group:
+                    await self._flush([waiting])
+                return
+            error: Exception
+            if _is_data_error(exc):
+                error = StoreRefused(f"database refused the reports: {exc}")
+            else:
+                self._note_failure(exc)
+                error = DatabaseUnavailable(str(exc))
+            for waiting in group:
+                if not waiting.future.done():
+                    waiting.future.set_exception(error)
+            return
+        if self._failing:
+            self._failing = False
+            log.info("webhook_store_recovered")
+        self._stats.groups_committed += 1
+        self._stats.reports_stored += stored
+        # Duplicates are not attributed to one request; each learns the group's new count.
+        for waiting in group:
+            if not waiting.future.done():
+                waiting.future.set_result(stored)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        # One line when the database goes away, not one per group while it stays away.
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "webhook_store_failed",
+                error=str(exc),
+                error_type=type(exc).__name__,
+                exc_info=not isinstance(exc, _DATABASE_ERRORS),
+            )
+
+    async def _insert(self, items: list[DeliveryReport]) -> int:
+        async with asyncio.timeout(self._timeout_s):
+            async with self._pool.acquire() as conn:
+                # One statement is one transaction: execute() returns after its COMMIT.
+                status = await conn.execute(self._sql, *report_arrays(items))
+        return int(status.rsplit(" ", 1)[-1])
+
+
+def report_arrays(items: Sequence[DeliveryReport]) -> tuple[list[Any], ...]:
+    """The parameters of webhook_insert_reports, sorted by the dedup key."""
+    ordered = sorted(items, key=lambda r: r.dedup_key)
+    return (
+        [r.transid for r in ordered],
+        [r.correlation_id for r in ordered],
+        [r.code for r in ordered],
+        [r.delivery_status for r in ordered],
+        [r.description for r in ordered],
+        [r.destination for r in ordered],
+        [r.reported_at for r in ordered],
+        [r.callback_data for r in ordered],
+        [r.message_count for r in ordered],
+        [r.carrier for r in ordered],
+        [orjson.dumps(r.raw).decode() for r in ordered],
+    )
+
+
+class WebhookServer:
+    """The aiohttp receiver. `create_app()` for tests; `start()` / `stop()` to serve."""
+
+    def __init__(
+        self,
+        *,
+        pool: db.Pool,
+        settings: WebhookSettings,
+        optout: OptOutSettings,
+        queries: Mapping[str, str],
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._optout = optout
+        self._queries = db.require(queries, QUERY_NAMES)
+        self._token = settings.token.encode()
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
+        self.stats = WebhookStats()
+        self._committer: GroupCommitter | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.url = ""
+
+    def create_app(self) -> web.Application:
+        app = web.Application(client_max_size=self._settings.max_body_bytes)
+        app.cleanup_ctx.append(self._flusher)
+        app.router.add_post("/webhooks/{kind:dr|mo}", self._missing_token)
+        app.router.add_post("/webhooks/{kind:dr|mo}/", self._missing_token)
+        app.router.add_post("/webhooks/{kind:dr|mo}/{token}", self._webhook)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        """Serve on `listen` (port 0 picks a free port; see `.port` and `.url`)."""
+        host, port = parse_listen(self._settings.listen)
+        # No access log: its lines would carry the token in the path.
+        runner = web.AppRunner(
+            self.create_app(),
+            access_log=None,
+            shutdown_timeout=self._settings.store_timeout_s + 1.0,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = runner.addresses[0]
+        self.port = int(bound[1])
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+        log.info("webhooks_started", url=self.url)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish and their reports commit."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            log.info("webhooks_stopped")
+
+    async def _flusher(self, app: web.Application) -> AsyncIterator[None]:
+        committer = GroupCommitter(
+            pool=self._pool,
+            sql=self._queries["webhook_insert_reports"],
+            group_max=self._settings.group_max,
+            timeout_s=self._settings.store_timeout_s,
+            stats=self.stats,
+        )
+        task = asyncio.create_task(committer.run(), name="webhook-flusher")
+        self._committer = committer
+        try:
+            yield
+        finally:
+            # Handlers have finished by now (aiohttp waits for them before cleanup).
+            self._committer = None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # A task cancelled before its first step never ran its own clean-up.
+            committer.close()
+
+    async def _missing_token(self, request: web.Request) -> web.Response:
+        return self._unauthorized(request, "token_missing")
+
+    def _unauthorized(self, request: web.Request, reason: str) -> web.Response:
+        self.stats.unauthorized += 1
+        # Never the path: it holds the token that was tried.
+        log.warning(
+            "webhook_unauthorized",
+            kind=request.match_info.get("kind"),
+            reason=reason,
+            remote=request.remote,
+        )
+        return web.Response(status=404, text="not found")
+
+    def _allowed_source(self, request: web.Request) -> bool:
+        if not self._networks:
+            return True
+        try:
+            address = ipaddress.ip_address(request.remote or "")
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    def _signed(self, request: web.Request, body: bytes) -> bool:
+        if not self._settings.hmac_secret:
+            return True
+        header = request.headers.get(SIGNATURE_HEADER, "")
+        expected = hmac.new(self._settings.hmac_secret.encode(), body, hashlib.sha256)
+        return hmac.compare_digest(header.encode(), f"sha256={expected.hexdigest()}".encode())
+
+    async def _webhook(self, request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        if not self._allowed_source(request):
+            self.stats.unauthorized += 1
+            log.warning("webhook_forbidden", kind=kind, reason="network", remote=request.remote)
+            return web.Response(status=403, text="forbidden")
+        if not hmac.compare_digest(request.match_info["token"].encode(), self._token):
+            return self._unauthorized(request, "token_mismatch")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            log.warning(
+                "webhook_too_large",
+                kind=kind,
+                content_length=request.content_length,
+                max_body_bytes=self._settings.max_body_bytes,
+                remote=request.remote,
+            )
+            return web.Response(status=413, text="body too large")
+        if not self._signed(request, body):
+            self.stats.unauthorized += 1
+            log.warning("webhook_forbidden", kind=kind, reason="signature", remote=request.remote)
+            return web.Response(status=403, text="forbidden")
+        try:
+            if kind == "dr":
+                return await self._delivery_reports(request, body)
+            return await self._incoming_messages(request, body)
+        except ParseError as exc:
+            return await self._reject(request, kind, body, exc.reason)
+        except StoreRefused as exc:
+            return await self._reject(request, kind, body, str(exc))
+        except (DatabaseUnavailable, *_DATABASE_ERRORS) as exc:
+            return self._unavailable(kind, exc)
+
+    async def _delivery_reports(self, request: web.Request, body: bytes) -> web.Response:
+        self.stats.dr_requests += 1
+        parsed = reports.parse_delivery_reports(body)
+        self.stats.reports_received += len(parsed)
+        committer = self._committer
+        if committer is None:
+            raise DatabaseUnavailable("receiver stopping")
+        if parsed:
+            await committer.submit(parsed)
+        log.debug("dr_received", reports=len(parsed))
+        return web.json_response({"status": "ok", "reports": len(parsed)})
+
+    async def _incoming_messages(self, request: web.Request, body: bytes) -> web.Response:
+        self.stats.mo_requests += 1
+        messages = reports.parse_incoming_messages(body)
+        sql = self._queries["webhook_store_incoming"]
+        outcomes: list[tuple[IncomingMessage, str | None, Any]] = []
+        async with asyncio.timeout(self._settings.store_timeout_s):
+            async with self._pool.acquire() as conn, conn.transaction():
+                # In order, in one transaction: STOP then START from one number ends opted in.
+                for message in messages:
+                    action, msisdn = self._optout_of(message)
+                    row = await conn.fetchrow(
+                        sql,
+                        message.tid,
+                        message.oa,
+                        message.da,
+                        message.message,
+                        message.user_id,
+                        message.channel,
+                        message.sent_at,
+                        action,
+                        dict(message.raw),
+                        msisdn,
+                    )
+                    outcomes.append((message, action, row))
+        for message, action, row in outcomes:
+            # No number and no text in logs: both are the customer's.
+            log.info(
+                "mo_received",
+                incoming_id=row["id"] if row else None,
+                tid=message.tid,
+                action=action,
+                duplicate=row is None,
+                suppressions_added=row["suppressions_added"] if row else 0,
+                suppressions_removed=row["suppressions_removed"] if row else 0,
+            )
+        return web.json_response({"status": "ok", "messages": len(messages)})
+
+    def _optout_of(self, message: IncomingMessage) -> tuple[str | None, str | None]:
+        action = reports.optout_action(
+            message.message,
+            stop_keywords=self._optout.stop_keywords,
+            start_keywords=self._optout.start_keywords,
+        )
+        if action is None:
+            return None, None
+        msisdn = reports.normalise_oa(message.oa)
+        if msisdn is None:
+            log.warning("optout_ignored", tid=message.tid, action=action, reason="oa_not_a_number")
+            return None, None
+        return action, msisdn
+
+    async def _reject(
+        self, request: web.Request, kind: str, body: bytes, reason: str
+    ) -> web.Response:
+        try:
+            async with asyncio.timeout(self._settings.store_timeout_s):
+                async with self._pool.acquire() as conn:
+                    reject_id = await conn.fetchval(
+                        self._queries["webhook_insert_reject"],
+                        kind,
+                        reason,
+                        request.content_type,
+                        request.remote,
+                        body,
+                    )
+        except _DATABASE_ERRORS as exc:
+            # Not kept, so not refused: a 503 makes the platform send it again.
+            return self._unavailable(kind, exc)
+        self.stats.rejected += 1
+        log.warning("webhook_rejected", kind=kind, reject_id=reject_id, reason=reason)
+        return web.json_response({"status": "rejected", "reason": reason}, status=400)
+
+    def _unavailable(self, kind: str, exc: BaseException) -> web.Response:
+        self.stats.unavailable += 1
+        log.debug("webhook_unavailable", kind=kind, error_type=type(exc).__name__)
+        return web.json_response(
+            {"status": "unavailable"}, status=503, headers={"Retry-After": _RETRY_AFTER_S}
+        )
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        want = db.expected_version()
+        try:
+            async with asyncio.timeout(self._settings.store_timeout_s):
+                async with self._pool.acquire() as conn:
+                    # A pool connection proxies every Connection method db uses.
+                    have = await db.schema_version(cast(db.Connection, conn))
+        except _DATABASE_ERRORS:
+            return web.json_response({"status": "database_unavailable"}, status=503)
+        body = {"status": "ok", "schema_version": have, "expected_schema_version": want}
+        if have != want:
+            body["status"] = "schema_mismatch"
+            return web.json_response(body, status=503)
+        return web.json_response(body)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=prometheus_client.generate_latest(),
+            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
+        )
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); ValueError with the value otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdecimal() or not host:
+        raise ValueError(f"listen address {listen!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+async def cmd_webhooks(args: argparse.Namespace, settings: config.Settings) -> int:
+    """`campaign webhooks`: the receiver and the reconciler until SIGINT / SIGTERM."""
+    from campaign.cli import database
+    from campaign.reconciler import Reconciler
+
+    webhook_settings = settings.webhooks
+    if args.listen:
+        webhook_settings = dataclasses.replace(webhook_settings, listen=args.listen)
+    queries = db.load_queries()
+    async with database(settings) as dsn:
+        pool = await db.create_pool(
+            dsn,
+            min_size=settings.database.pool_min,
+            max_size=settings.database.pool_max,
+            timeout_s=settings.database.connect_timeout_s,
+        )
+        try:
+            async with pool.acquire() as conn:
+                await db.check_schema(cast(db.Connection, conn))
+            server = WebhookServer(
+                pool=pool, settings=webhook_settings, optout=settings.optout, queries=queries
+            )
+            reconciler = Reconciler(pool=pool, settings=settings.reconciler, queries=queries)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            await server.start()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(reconciler.run(stop), name="reconciler")
+                    await stop.wait()
+            finally:
+                log.info("webhooks_stopping")
+                await server.stop()
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+        finally:
+            await pool.close()
+    return 0

@@ -1,0 +1,187 @@
+-- The reconciler: delivery reports -> recipients, orphaned reports, the report timeout,
+-- campaign completion. Every statement is set-based and takes rows with SKIP LOCKED, so
+-- two reconcilers (the worker's and a standalone `campaign webhooks`) share the work.
+--
+-- Statuses a report can still change: pending, queued, unknown (in doubt) and the final
+-- ones. `sending` rows belong to the sender until it records the submit response; a
+-- report for one waits in state 'new' and is matched on a later pass.
+
+-- name: reconcile_match_reports
+-- Match up to $2 'new' reports after id $1 (a keyset cursor, so reports that must wait
+-- never starve newer ones) to recipients and apply, per recipient, the report that wins.
+-- Precedence: a final report replaces no report, an interim one, or an earlier final one
+-- (by reported_at, the platform's timestamp; received_at when it sent none); an interim
+-- report only updates a recipient that is not final yet; duplicates change nothing.
+-- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] (the code table,
+-- 'queued' = interim) $5 status for any other code
+WITH codes AS (
+    SELECT * FROM unnest($3::text[], $4::text[]) AS t(code, status)
+),
+picked AS (
+    SELECT d.id, d.transid, d.correlation_id, d.code, d.delivery_status, d.description,
+           coalesce(d.reported_at, d.received_at) AS reported_at
+      FROM campaign.delivery_reports d
+     WHERE d.state = 'new' AND d.id > $1
+     ORDER BY d.id
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+),
+rated AS (
+    SELECT p.*, coalesce(c.status, $5::text) AS status
+      FROM picked p
+      LEFT JOIN codes c ON c.code = p.code
+),
+-- By transid first (the one whose correlation id also matches, should a transid ever be
+-- shared), else by correlation id: that also finds recipients whose submit response never
+-- arrived (`unknown`), which a report proves were accepted.
+matched AS (
+    SELECT r.*, coalesce(by_transid.id, by_correlation.id) AS recipient_id
+      FROM rated r
+      LEFT JOIN LATERAL (
+          SELECT x.id
+            FROM campaign.recipients x
+           WHERE x.transid = r.transid
+           ORDER BY x.correlation_id = r.correlation_id DESC NULLS LAST, x.id
+           LIMIT 1
+      ) by_transid ON true
+      -- LIMIT keeps this a per-report index probe; the IS NULL test skips it when the
+      -- transid matched.
+      LEFT JOIN LATERAL (
+          SELECT x.id
+            FROM campaign.recipients x
+           WHERE x.correlation_id = r.correlation_id AND by_transid.id IS NULL
+           LIMIT 1
+      ) by_correlation ON true
+),
+-- Lock the recipients (in id order: no deadlock between two reconcilers) and read their
+-- status as of the lock, not as of the statement's snapshot.
+locked AS (
+    SELECT x.id, x.status
+      FROM campaign.recipients x
+     WHERE x.id IN (SELECT m.recipient_id FROM matched m)
+     ORDER BY x.id
+       FOR UPDATE
+),
+usable AS (
+    SELECT m.*
+      FROM matched m
+      JOIN locked l ON l.id = m.recipient_id
+     WHERE l.status <> 'sending'
+),
+-- One report per recipient from this pass: a final one before an interim one, then the
+-- latest, then the last received.
+best AS (
+    SELECT DISTINCT ON (u.recipient_id) u.*
+      FROM usable u
+     ORDER BY u.recipient_id, (u.status <> 'queued') DESC, u.reported_at DESC, u.id DESC
+),
+applied AS (
+    UPDATE campaign.recipients r
+       SET status         = b.status,
+           transid        = coalesce(r.transid, b.transid),
+           sent_at        = coalesce(r.sent_at, now()),
+           dr_code        = b.code,
+           dr_status      = b.delivery_status,
+           dr_description = b.description,
+           dr_at          = b.reported_at,
+           -- A final report is the truth about the message: a guess such as
+           -- report_timeout, or an in-doubt failure, no longer applies.
+           error_code     = CASE WHEN b.status = 'queued' THEN r.error_code END,
+           error_message  = CASE WHEN b.status = 'queued' THEN r.error_message END,
+           updated_at     = now()
+      FROM best b
+     WHERE r.id = b.recipient_id
+       AND CASE
+           WHEN b.status <> 'queued' THEN
+                r.dr_code IS NULL
+                OR r.dr_at IS NULL
+                OR b.reported_at > r.dr_at
+                OR EXISTS (SELECT 1 FROM codes c WHERE c.code = r.dr_code AND c.status = 'queued')
+           ELSE
+                r.status IN ('pending', 'queued', 'unknown')
+                AND (r.dr_at IS NULL OR b.reported_at > r.dr_at)
+           END
+    RETURNING r.id
+),
+marked AS (
+    UPDATE campaign.delivery_reports d
+       SET state = 'matched', recipient_id = u.recipient_id, matched_at = now()
+      FROM usable u
+     WHERE d.id = u.id
+    RETURNING d.id
+)
+SELECT (SELECT count(*) FROM picked)  AS examined,
+       (SELECT max(id) FROM picked)   AS last_id,
+       (SELECT count(*) FROM marked)  AS matched,
+       (SELECT count(*) FROM applied) AS updated;
+
+-- name: reconcile_orphan_reports
+-- Give up on up to $2 reports that found no recipient within $1 seconds of arriving; each
+-- is returned once, to be logged once. An operator can set state back to 'new' to retry.
+-- $1 orphan_after_s $2 limit
+UPDATE campaign.delivery_reports d
+   SET state = 'orphaned'
+ WHERE d.id IN (
+       SELECT o.id
+         FROM campaign.delivery_reports o
+        WHERE o.state = 'new' AND o.received_at < now() - make_interval(secs => $1)
+        ORDER BY o.id
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED)
+RETURNING d.id, d.transid, d.correlation_id, d.code;
+
+-- name: reconcile_report_timeout
+-- Up to $2 recipients accepted more than $1 seconds ago and still without a final report
+-- become failed with error_code 'report_timeout'. A final report arriving later still
+-- wins (see reconcile_match_reports). Returns counts per campaign.
+-- $1 report_timeout_s $2 limit
+WITH timed_out AS (
+    UPDATE campaign.recipients r
+       SET status = 'failed',
+           error_code = 'report_timeout',
+           error_message = 'no final delivery report within report_timeout_s',
+           updated_at = now()
+     WHERE r.id IN (
+           SELECT q.id
+             FROM campaign.recipients q
+            WHERE q.status = 'queued'
+              AND (q.sent_at < now() - make_interval(secs => $1)
+                   OR (q.sent_at IS NULL AND q.created_at < now() - make_interval(secs => $1)))
+            LIMIT $2
+              FOR UPDATE SKIP LOCKED)
+    RETURNING r.campaign_id
+)
+SELECT campaign_id, count(*) AS recipients
+  FROM timed_out
+ GROUP BY campaign_id
+ ORDER BY campaign_id;
+
+-- name: reconcile_complete_campaigns
+-- Running campaigns whose recipients are all final become completed; returns each one's
+-- counts per status for the campaign_completed log line. A campaign is only ever
+-- `running` once the producer claimed from it, so an empty new campaign is not completed.
+WITH done AS (
+    SELECT c.id
+      FROM campaign.campaigns c
+     WHERE c.status = 'running'
+       AND NOT EXISTS (
+           SELECT 1
+             FROM campaign.recipients r
+            WHERE r.campaign_id = c.id
+              AND r.status IN ('pending', 'sending', 'queued', 'unknown'))
+       FOR UPDATE SKIP LOCKED
+), completed AS (
+    UPDATE campaign.campaigns c
+       SET status = 'completed', completed_at = now()
+      FROM done
+     WHERE c.id = done.id
+    RETURNING c.id
+)
+SELECT completed.id AS campaign_id,
+       coalesce((SELECT jsonb_object_agg(s.status, s.n)
+                   FROM (SELECT r.status, count(*) AS n
+                           FROM campaign.recipients r
+                          WHERE r.campaign_id = completed.id
+                          GROUP BY r.status) s), '{}'::jsonb) AS counts
+  FROM completed
+ ORDER BY completed.id;

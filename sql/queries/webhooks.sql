@@ -1,0 +1,57 @@
+-- The webhook receiver: delivery reports in groups, incoming messages and opt-outs,
+-- bodies that could not be parsed.
+
+-- name: webhook_insert_reports
+-- Store one group of delivery reports from many requests in one statement (one commit).
+-- A report seen before (same transid, code and timestamp) is skipped by the dedup index,
+-- so a platform retry or a client resending after a 503 stores nothing twice. The caller
+-- sorts by (transid, code, reported_at) so two receivers inserting overlapping groups lock
+-- index entries in the same order and cannot deadlock.
+-- $1 transid[] $2 correlation_id[] $3 code[] $4 delivery_status[] $5 description[]
+-- $6 destination[] $7 reported_at[] $8 callback_data[] $9 message_count[] $10 carrier[]
+-- $11 raw[] (JSON text)
+INSERT INTO campaign.delivery_reports
+       (transid, correlation_id, code, delivery_status, description, destination,
+        reported_at, callback_data, message_count, carrier, raw)
+SELECT t.transid, t.correlation_id, t.code, t.delivery_status, t.description, t.destination,
+       t.reported_at, t.callback_data, t.message_count, t.carrier, t.raw::jsonb
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+              $7::timestamptz[], $8::text[], $9::integer[], $10::text[], $11::text[])
+       AS t(transid, correlation_id, code, delivery_status, description, destination,
+            reported_at, callback_data, message_count, carrier, raw)
+    ON CONFLICT (transid, code, reported_at) DO NOTHING;
+
+-- name: webhook_store_incoming
+-- Store one incoming message and apply its opt-out in the same statement. A message seen
+-- before (same tid) stores nothing and changes no suppression: the first copy did. START
+-- removes only suppressions that a STOP created, never one an operator added.
+-- $1 tid $2 oa $3 da $4 message $5 user_id $6 channel $7 sent_at $8 action
+-- ('opt_out' / 'opt_in' / NULL) $9 raw (jsonb) $10 normalised oa (E.164 with '+'), or NULL
+WITH mo AS (
+    INSERT INTO campaign.incoming_messages
+           (tid, oa, da, message, user_id, channel, sent_at, action, raw)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (tid) WHERE tid IS NOT NULL DO NOTHING
+    RETURNING id, action
+), added AS (
+    INSERT INTO campaign.suppressions (msisdn, reason)
+    SELECT $10, 'opt_out' FROM mo WHERE mo.action = 'opt_out' AND $10::text IS NOT NULL
+        ON CONFLICT (msisdn) DO NOTHING
+    RETURNING msisdn
+), removed AS (
+    DELETE FROM campaign.suppressions s
+     USING mo
+     WHERE mo.action = 'opt_in' AND s.msisdn = $10 AND s.reason = 'opt_out'
+    RETURNING s.msisdn
+)
+SELECT mo.id,
+       (SELECT count(*) FROM added)   AS suppressions_added,
+       (SELECT count(*) FROM removed) AS suppressions_removed
+  FROM mo;
+
+-- name: webhook_insert_reject
+-- Keep a body that could not be parsed, verbatim, for an operator to look at.
+-- $1 kind ('dr' / 'mo') $2 reason $3 content type $4 remote address $5 body (bytes)
+INSERT INTO campaign.webhook_rejects (kind, reason, content_type, remote, body)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id;

@@ -1,0 +1,357 @@
+"""The reconciler's named queries against a real PostgreSQL: matching, precedence, waiting,
+orphans, the report timeout, completion."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from campaign import db
+from campaign.config import ReconcilerSettings
+from campaign.reconciler import Reconciler, ReconcileResult
+from tests.helpers.webhooks import dr, minutes, seed_campaign, store_reports
+
+
+def make_reconciler(pool: asyncpg.Pool, **overrides: float) -> Reconciler:
+    settings = ReconcilerSettings(**({"interval_s": 0.05} | overrides))  # type: ignore[arg-type]
+    return Reconciler(pool=pool, settings=settings, queries=db.load_queries())
+
+
+async def recipient(conn: asyncpg.Connection, recipient_id: int) -> asyncpg.Record:
+    return await conn.fetchrow("SELECT * FROM campaign.recipients WHERE id = $1", recipient_id)
+
+
+async def report_states(conn: asyncpg.Connection) -> list[tuple[str, int | None]]:
+    rows = await conn.fetch("SELECT state, recipient_id FROM campaign.delivery_reports ORDER BY id")
+    return [(r["state"], r["recipient_id"]) for r in rows]
+
+
+async def test_report_matched_by_transid_sets_status_and_keeps_dr_fields(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, (r,) = await seed_campaign(conn, ["queued"])
+    assert await store_reports(conn, [dr(r["transid"], "7500", at=minutes(1))]) == 1
+
+    result = await make_reconciler(pool).run_once()
+
+    assert result.reports_examined == 1
+    assert result.reports_matched == 1
+    assert result.recipients_updated == 1
+    row = await recipient(conn, r["id"])
+    assert row["status"] == "delivered"
+    assert row["dr_code"] == "7500"
+    assert row["dr_status"] == "Delivered"
+    assert row["dr_description"] == "Delivered"
+    assert row["dr_at"] == minutes(1)
+    assert await report_states(conn) == [("matched", r["id"])]
+
+
+# (code, minutes) in arrival order -> expected (status, dr_code).
+PRECEDENCE = [
+    pytest.param([("7501", 0)], ("queued", "7501"), id="interim-only"),
+    pytest.param([("7501", 0), ("7500", 1)], ("delivered", "7500"), id="interim-then-final"),
+    pytest.param([("7500", 1), ("7501", 0)], ("delivered", "7500"), id="final-then-old-interim"),
+    pytest.param(
+        [("7500", 0), ("7501", 5)], ("delivered", "7500"), id="interim-never-replaces-final"
+    ),
+    pytest.param([("7201", 0), ("7500", 1)], ("delivered", "7500"), id="later-final-wins"),
+    pytest.param([("7500", 1), ("7201", 0)], ("delivered", "7500"), id="earlier-final-loses"),
+    pytest.param([("7500", 0), ("7201", 1)], ("failed", "7201"), id="later-failure-wins"),
+    pytest.param([("7208", 0)], ("expired", "7208"), id="expired"),
+    pytest.param([("7102", 0)], ("failed", "7102"), id="other-code-failed"),
+    pytest.param([("7501", 0), ("7501", 2), ("7208", 1)], ("expired", "7208"), id="mixed"),
+]
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["pass-per-report", "one-pass"])
+@pytest.mark.parametrize(("sequence", "expected"), PRECEDENCE)
+async def test_precedence_table(
+    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
+    sequence: list[tuple[str, int]],
+    expected: tuple[str, str],
+    one_pass: bool,
+) -> None:
+    _, (r,) = await seed_campaign(conn, ["queued"], campaign_status="paused")
+    reconciler = make_reconciler(pool)
+    for code, at in sequence:
+        await store_reports(conn, [dr(r["transid"], code, at=minutes(at))])
+        if not one_pass:
+            await reconciler.run_once()
+    await reconciler.run_once()
+
+    row = await recipient(conn, r["id"])
+    assert (row["status"], row["dr_code"]) == expected
+    assert all(state == "matched" for state, _ in await report_states(conn))
+
+
+async def test_duplicates_are_stored_once_and_change_nothing(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, (r,) = await seed_campaign(conn, ["queued"])
+    report = dr(r["transid"], "7500", at=minutes(0))
+    assert await store_reports(conn, [report, report]) == 1
+    reconciler = make_reconciler(pool)
+    await reconciler.run_once()
+    before = await recipient(conn, r["id"])
+
+    assert await store_reports(conn, [report]) == 0
+    # The same report again with its timestamp spelled with an explicit offset.
+    same_instant = dr(r["transid"], "7500", at="2026-01-02T04:04:05.678+01:00")
+    assert await store_reports(conn, [same_instant]) == 0
+    result = await reconciler.run_once()
+
+    assert result.reports_examined == 0
+    assert await recipient(conn, r["id"]) == before
+    assert await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports") == 1
+
+
+async def test_report_before_submit_response_waits_then_matches(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, (r,) = await seed_campaign(conn, ["sending"])
+    await store_reports(
+        conn, [dr("T-late", "7500", correlation_id=r["correlation_id"], at=minutes(0))]
+    )
+    reconciler = make_reconciler(pool)
+
+    result = await reconciler.run_once()
+    assert result.reports_examined == 1
+    assert result.reports_waiting == 1
+    assert (await recipient(conn, r["id"]))["status"] == "sending"
+    assert await report_states(conn) == [("new", None)]
+
+    # The sender records the submit response.
+    await conn.execute(
+        "UPDATE campaign.recipients SET status = 'queued', transid = 'T-late', sent_at = now() "
+        "WHERE id = $1",
+        r["id"],
+    )
+    await reconciler.run_once()
+    row = await recipient(conn, r["id"])
+    assert (row["status"], row["dr_code"]) == ("delivered", "7500")
+    assert await report_states(conn) == [("matched", r["id"])]
+
+
+async def test_report_with_only_a_transid_waits_for_the_transid(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, (r,) = await seed_campaign(conn, ["sending"])
+    await store_reports(conn, [dr("T-only", "7201")])
+    reconciler = make_reconciler(pool)
+    assert (await reconciler.run_once()).reports_matched == 0
+    await conn.execute(
+        "UPDATE campaign.recipients SET status = 'queued', transid = 'T-only' WHERE id = $1",
+        r["id"],
+    )
+    assert (await reconciler.run_once()).reports_matched == 1
+    assert (await recipient(conn, r["id"]))["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("7500", "delivered"), ("7501", "queued"), ("7203", "failed")]
+)
+async def test_correlation_id_resolves_unknown_recipients(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, code: str, status: str
+) -> None:
+    _, (r,) = await seed_campaign(conn, ["unknown"])
+    await conn.execute(
+        "UPDATE campaign.recipients SET error_code = 'in_doubt', sent_at = NULL WHERE id = $1",
+        r["id"],
+    )
+    await store_reports(conn, [dr("T-x", code, correlation_id=r["correlation_id"])])
+
+    await make_reconciler(pool).run_once()
+
+    row = await recipient(conn, r["id"])
+    assert row["status"] == status
+    assert row["transid"] == "T-x"
+    assert row["sent_at"] is not None
+    # A final report replaces the sender's guess; an interim one leaves it alone.
+    assert row["error_code"] == ("in_doubt" if code == "7501" else None)
+
+
+async def test_transid_and_correlation_id_pick_the_right_recipient(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, (a, b) = await seed_campaign(conn, ["queued", "queued"])
+    # Should the platform ever share one transid between destinations.
+    await conn.execute(
+        "UPDATE campaign.recipients SET transid = 'shared' WHERE id = ANY($1)",
+        [
+            a["id"],
+            b["id"],
+        ],
+    )
+    await store_reports(conn, [dr("shared", "7201", correlation_id=b["correlation_id"])])
+    await make_reconciler(pool).run_once()
+    assert (await recipient(conn, a["id"]))["status"] == "queued"
+    assert (await recipient(conn, b["id"]))["status"] == "failed"
+
+
+async def test_unmatched_report_is_orphaned_after_orphan_after_s_and_logged_once(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    await store_reports(conn, [dr("T-nobody", "7500"), dr("T-recent", "7500")])
+    await conn.execute(
+        "UPDATE campaign.delivery_reports SET received_at = now() - interval '2 hours' "
+        "WHERE transid = 'T-nobody'"
+    )
+    reconciler = make_reconciler(pool, orphan_after_s=3600.0)
+
+    with capture_logs() as logs:
+        first = await reconciler.run_once()
+        second = await reconciler.run_once()
+
+    assert first.reports_orphaned == 1
+    assert second.reports_orphaned == 0
+    orphaned = [e for e in logs if e["event"] == "report_orphaned"]
+    assert [e["transid"] for e in orphaned] == ["T-nobody"]
+    states = await conn.fetch(
+        "SELECT transid, state FROM campaign.delivery_reports ORDER BY transid"
+    )
+    assert [(s["transid"], s["state"]) for s in states] == [
+        ("T-nobody", "orphaned"),
+        ("T-recent", "new"),
+    ]
+
+
+async def test_queued_without_final_report_times_out_then_a_late_report_still_wins(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, (old, recent, interim) = await seed_campaign(
+        conn, ["queued", "queued", "queued"], campaign_status="paused"
+    )
+    await conn.execute(
+        "UPDATE campaign.recipients SET sent_at = now() - interval '3 days' WHERE id = ANY($1)",
+        [old["id"], interim["id"]],
+    )
+    await store_reports(conn, [dr(interim["transid"], "7501")])
+    reconciler = make_reconciler(pool, report_timeout_s=172_800.0)
+
+    result = await reconciler.run_once()
+
+    assert result.recipients_timed_out == 2
+    for r in (old, interim):
+        row = await recipient(conn, r["id"])
+        assert (row["status"], row["error_code"]) == ("failed", "report_timeout")
+    assert (await recipient(conn, recent["id"]))["status"] == "queued"
+
+    await store_reports(conn, [dr(old["transid"], "7500"), dr(interim["transid"], "7500")])
+    await reconciler.run_once()
+    for r in (old, interim):
+        row = await recipient(conn, r["id"])
+        assert (row["status"], row["error_code"], row["dr_code"]) == ("delivered", None, "7500")
+
+
+async def test_campaign_completes_when_every_recipient_is_final(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    campaign_id, rows = await seed_campaign(
+        conn, ["delivered", "failed", "invalid", "suppressed", "queued"]
+    )
+    paused_id, _ = await seed_campaign(conn, ["delivered"], campaign_status="paused")
+    reconciler = make_reconciler(pool)
+
+    assert (await reconciler.run_once()).campaigns_completed == 0
+    await store_reports(conn, [dr(rows[4]["transid"], "7208")])
+    with capture_logs() as logs:
+        result = await reconciler.run_once()
+
+    assert result.campaigns_completed == 1
+    campaign = await conn.fetchrow(
+        "SELECT status, completed_at FROM campaign.campaigns WHERE id = $1", campaign_id
+    )
+    assert campaign["status"] == "completed"
+    assert campaign["completed_at"] is not None
+    (line,) = [e for e in logs if e["event"] == "campaign_completed"]
+    assert line["campaign_id"] == campaign_id
+    assert line["recipients"] == 5
+    assert (line["delivered"], line["failed"], line["invalid"], line["suppressed"]) == (1, 1, 1, 1)
+    assert (line["expired"], line["rejected"], line["cancelled"]) == (1, 0, 0)
+    finished = [e for e in logs if e["event"] == "reconcile_finished"]
+    assert finished and finished[0]["campaigns_completed"] == 1
+    assert "duration_ms" in finished[0]
+    # A paused campaign is the user's to resume or cancel, even with nothing left to send.
+    paused = await conn.fetchval("SELECT status FROM campaign.campaigns WHERE id = $1", paused_id)
+    assert paused == "paused"
+    assert (await reconciler.run_once()).campaigns_completed == 0
+
+
+async def test_waiting_reports_do_not_starve_newer_ones(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, rows = await seed_campaign(conn, ["sending", "sending", "sending", "queued"])
+    await store_reports(
+        conn, [dr(f"T-wait-{i}", correlation_id=rows[i]["correlation_id"]) for i in range(3)]
+    )
+    await store_reports(conn, [dr(rows[3]["transid"], "7500")])
+    reconciler = make_reconciler(pool, batch_size=2)
+
+    first = await reconciler.run_once()
+    second = await reconciler.run_once()
+
+    assert first == ReconcileResult(reports_examined=2, full=True)
+    assert (second.reports_examined, second.reports_matched, second.full) == (2, 1, True)
+    assert (await recipient(conn, rows[3]["id"]))["status"] == "delivered"
+    # Past the end: an empty pass, then the cursor starts over with the waiting ones.
+    third = await reconciler.run_once()
+    assert (third.reports_examined, third.full) == (0, False)
+    fourth = await reconciler.run_once()
+    assert (fourth.reports_examined, fourth.reports_matched, fourth.full) == (2, 0, True)
+
+
+async def test_final_report_for_a_sending_recipient_never_lands_before_the_response(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    # A recipient that is being sent again keeps its old transid until the response.
+    _, (r,) = await seed_campaign(conn, ["sending"])
+    await conn.execute("UPDATE campaign.recipients SET transid = 'T-old' WHERE id = $1", r["id"])
+    await store_reports(conn, [dr("T-old", "7500")])
+    assert (await make_reconciler(pool).run_once()).reports_matched == 0
+    assert (await recipient(conn, r["id"]))["status"] == "sending"
+
+
+async def test_run_loop_matches_until_stopped(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    _, (r,) = await seed_campaign(conn, ["queued"], campaign_status="paused")
+    stop = asyncio.Event()
+    task = asyncio.create_task(make_reconciler(pool).run(stop))
+    try:
+        await store_reports(conn, [dr(r["transid"], "7500")])
+        async with asyncio.timeout(10):
+            while (await recipient(conn, r["id"]))["status"] != "delivered":
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+    assert task.done() and task.exception() is None
+
+
+async def test_two_reconcilers_at_once_apply_each_report_once(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, rows = await seed_campaign(conn, ["queued"] * 200, campaign_status="paused")
+    await store_reports(
+        conn,
+        [dr(r["transid"], "7501", at=minutes(0)) for r in rows]
+        + [dr(r["transid"], "7500", at=minutes(1)) for r in rows],
+    )
+    first, second = make_reconciler(pool, batch_size=50), make_reconciler(pool, batch_size=50)
+
+    for _ in range(20):
+        results = await asyncio.gather(first.run_once(), second.run_once())
+        if not any(r.reports_examined for r in results):
+            break
+
+    counts = await conn.fetch("SELECT status, count(*) FROM campaign.recipients GROUP BY status")
+    assert {c["status"]: c["count"] for c in counts} == {"delivered": 200}
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaign.delivery_reports WHERE state <> 'matched'"
+        )
+        == 0
+    )
