@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from campaign import db, errors
+from campaign import db, errors, metrics
 from campaign.config import ApiSettings, OnTimeout, ProducerSettings
 from campaign.producer import DB_ERRORS, Batch, Lane
 
@@ -232,6 +232,9 @@ class Sender:
         self._on_taken = on_taken
         self._rng = rng or random.Random()
         self.in_flight = 0
+        # Running totals for the worker's periodic stats line.
+        self.accepted = 0
+        self.rejected = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until `stop` is set; a batch being sent is finished first."""
@@ -364,6 +367,7 @@ class Sender:
             self._lane.limiter.record_success()
 
         accepted, rejected = plan.count("queued"), plan.count("rejected")
+        self._count(batch, outcome, plan, duration_ms)
         if outcome.kind in ("ok", "rejected"):
             blog.info(
                 "batch_sent",
@@ -398,6 +402,16 @@ class Sender:
             )
         else:
             self._lane.stop(error_code=outcome.code, description=outcome.description)
+
+    def _count(self, batch: Batch, outcome: errors.Outcome, plan: Plan, duration_ms: int) -> None:
+        service = self._lane.name
+        metrics.REQUESTS.labels(service, outcome.kind).inc()
+        metrics.REQUEST_SECONDS.labels(service).observe(duration_ms / 1000)
+        campaign = str(batch.campaign_id)
+        for status in set(plan.statuses):
+            metrics.DESTINATIONS.labels(campaign, service, status).inc(plan.count(status))
+        self.accepted += plan.count("queued")
+        self.rejected += plan.count("rejected")
 
     async def _write(
         self,

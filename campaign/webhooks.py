@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
-import prometheus_client
 import structlog
 from aiohttp import web
 
-from campaign import config, db, reports
+from campaign import config, db, metrics, reports
 from campaign.config import OptOutSettings, WebhookSettings
 from campaign.reports import DeliveryReport, IncomingMessage, ParseError
 
@@ -189,6 +188,9 @@ class GroupCommitter:
             log.info("webhook_store_recovered")
         self._stats.groups_committed += 1
         self._stats.reports_stored += stored
+        received = sum(len(w.reports) for w in group)
+        metrics.REPORTS.labels("dr", "stored").inc(stored)
+        metrics.REPORTS.labels("dr", "duplicate").inc(received - stored)
         # Duplicates are not attributed to one request; each learns the group's new count.
         for waiting in group:
             if not waiting.future.done():
@@ -415,6 +417,9 @@ class WebhookServer:
                         msisdn,
                     )
                     outcomes.append((message, action, row))
+        stored = sum(1 for _, _, row in outcomes if row is not None)
+        metrics.REPORTS.labels("mo", "stored").inc(stored)
+        metrics.REPORTS.labels("mo", "duplicate").inc(len(outcomes) - stored)
         for message, action, row in outcomes:
             # No number and no text in logs: both are the customer's.
             log.info(
@@ -460,6 +465,7 @@ class WebhookServer:
             # Not kept, so not refused: a 503 makes the platform send it again.
             return self._unavailable(kind, exc)
         self.stats.rejected += 1
+        metrics.REPORTS.labels(kind, "rejected").inc()
         log.warning("webhook_rejected", kind=kind, reject_id=reject_id, reason=reason)
         return web.json_response({"status": "rejected", "reason": reason}, status=400)
 
@@ -486,10 +492,8 @@ class WebhookServer:
         return web.json_response(body)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=prometheus_client.generate_latest(),
-            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
-        )
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

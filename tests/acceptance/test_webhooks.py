@@ -20,7 +20,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from campaign import db
+from campaign import db, metrics
 from tests.helpers.webhooks import TOKEN, dr, mo, running_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -50,10 +50,23 @@ async def test_healthz_and_metrics(pool: asyncpg.Pool, http: aiohttp.ClientSessi
         async with http.get(f"{server.url}/healthz") as response:
             assert response.status == 200
             health = await response.json()
+        stored_before = metrics.REPORTS.labels("dr", "stored")._value.get()
+        async with http.post(
+            f"{server.url}/webhooks/dr/{TOKEN}", data=orjson.dumps(dr("metrics-t1"))
+        ) as response:
+            assert response.status == 200
         async with http.get(f"{server.url}/metrics") as response:
             assert response.status == 200
             assert "text/plain" in response.headers["Content-Type"]
-            assert "python_info" in await response.text()
+            text = await response.text()
+    assert "# TYPE campaign_reports_total counter" in text
+    assert "campaign_request_duration_seconds" in text
+    stored_line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith('campaign_reports_total{kind="dr",result="stored"}')
+    )
+    assert float(stored_line.split()[-1]) == stored_before + 1
     assert health == {
         "status": "ok",
         "schema_version": db.expected_version(),
