@@ -174,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit once nothing is pending, sending or in doubt for runnable campaigns",
     )
     p.add_argument("--worker-id", metavar="ID", help="override [worker] worker_id")
+    p.add_argument(
+        "--no-sender",
+        action="store_true",
+        help="do not claim or send (run only the receiver and/or reconciler)",
+    )
+    p.add_argument(
+        "--no-webhooks",
+        action="store_true",
+        help="do not run the DR / MO receiver (another process does)",
+    )
+    p.add_argument(
+        "--no-reconciler", action="store_true", help="do not match reports (another process does)"
+    )
     p.set_defaults(handler=_lazy("worker", "cmd_worker"))
 
     p = sub.add_parser(
@@ -232,6 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (OSError, db.PostgresError, db.InterfaceError) as exc:
         log.error(
+            "command_failed", command=args.command, error=str(exc), error_type=type(exc).__name__
+        )
+        return 1
+    except Exception as exc:
+        # A role crashed: say so in one structured line (with the traceback) and exit
+        # non-zero, so a supervisor restarts the worker instead of it hanging half-alive.
+        log.exception(
             "command_failed", command=args.command, error=str(exc), error_type=type(exc).__name__
         )
         return 1

@@ -1,9 +1,11 @@
-"""The worker: composition and lifecycle of the sending pipeline.
+"""The worker: composition and lifecycle of every role.
 
-Producer, senders (one group per service) and crash recovery run in one TaskGroup, so a
-task dying stops the worker loudly. Stopping (SIGTERM / SIGINT, or drain mode running out
-of work) stops claiming at once, lets requests in flight finish within
-`shutdown_grace_s`, writes their results, and gives the unsent batches back.
+Producer, senders (one group per service), crash recovery, the webhook receiver, the
+reconciler and the stats line run in one TaskGroup, so a task dying stops the worker
+loudly with a non-zero exit. Each role can be switched off (`Roles`) to run them apart.
+Stopping (SIGTERM / SIGINT, or drain mode running out of work) stops claiming at once,
+lets requests in flight finish within `shutdown_grace_s`, writes their results, gives the
+unsent batches back, and only then stops the receiver, so reports keep landing meanwhile.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import dataclasses
 import os
 import signal
 import socket
+import time
+from collections.abc import Mapping
 
 import structlog
 
-from campaign import config, db
+from campaign import config, db, metrics
 from campaign.producer import DB_ERRORS, Lane, Producer, notify_url
+from campaign.reconciler import Reconciler
 from campaign.recovery import Recovery
 from campaign.sender import Sender, create_session, sessions_needed
+from campaign.webhooks import WebhookServer
 
 log = structlog.get_logger(__name__)
 
@@ -30,15 +36,38 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Roles:
+    """Which roles this process runs; all by default."""
+
+    sender: bool = True
+    webhooks: bool = True
+    reconciler: bool = True
+
+
 class Worker:
-    def __init__(self, *, settings: config.Settings, dsn: str, drain: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        settings: config.Settings,
+        dsn: str,
+        drain: bool = False,
+        roles: Roles = Roles(),
+    ) -> None:
         self._settings = settings
         self._dsn = dsn
         self._drain = drain
+        self._roles = roles
         self._stop = asyncio.Event()
         self.worker_id = settings.worker.worker_id or default_worker_id()
         # Filled by run(); each lane exposes its limiter's effective rate and queue depth.
         self.lanes: dict[str, Lane] = {}
+        self.senders: list[Sender] = []
+        self.webhooks: WebhookServer | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
         """Stop claiming, finish what is in flight, then let run() return."""
@@ -49,8 +78,19 @@ class Worker:
     async def run(self) -> int:
         """Run until stopped; 0 on a clean stop, 1 when drain mode ended with a service stopped."""
         settings = self._settings
-        if not settings.services:
+        roles = self._roles
+        if not (roles.sender or roles.webhooks or roles.reconciler):
+            log.error("worker_not_started", reason="every role is switched off")
+            return 2
+        if roles.sender and not settings.services:
             log.error("worker_not_started", reason="no [services.NAME] table in the config")
+            return 2
+        if (roles.webhooks or roles.sender) and not settings.webhooks.token:
+            # Without a token the DR URL would be guessable, or the receiver would refuse all.
+            log.error("worker_not_started", reason="[webhooks] token is not set")
+            return 2
+        if self._drain and not roles.sender:
+            log.error("worker_not_started", reason="--drain needs the sender role")
             return 2
         if settings.database.pool_max < 2:
             # The producer holds one connection for LISTEN; with one in all it would wait forever.
@@ -75,6 +115,43 @@ class Worker:
     async def _run(self, pool: db.Pool) -> int:
         settings = self._settings
         queries = db.load_queries()
+        log.info(
+            "worker_started",
+            worker_id=self.worker_id,
+            services=sorted(settings.services) if self._roles.sender else [],
+            roles=[name for name, on in dataclasses.asdict(self._roles).items() if on],
+            drain=self._drain,
+        )
+        if self._roles.webhooks:
+            self.webhooks = WebhookServer(
+                pool=pool, settings=settings.webhooks, optout=settings.optout, queries=queries
+            )
+            await self.webhooks.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self._roles.reconciler:
+                    reconciler = Reconciler(
+                        pool=pool, settings=settings.reconciler, queries=queries
+                    )
+                    tg.create_task(reconciler.run(self._stop), name="reconciler")
+                tg.create_task(self._report_stats(pool, queries), name="stats")
+                if self._roles.sender:
+                    await self._send(pool, queries)
+                else:
+                    await self._stop.wait()
+        except Exception:
+            log.exception("worker_failed", worker_id=self.worker_id)
+            raise
+        finally:
+            if self.webhooks is not None:
+                await asyncio.shield(self.webhooks.stop())
+        stopped = sorted(name for name, lane in self.lanes.items() if lane.stopped)
+        log.info("worker_stopped", worker_id=self.worker_id, services_stopped=stopped)
+        return 1 if self._drain and stopped else 0
+
+    async def _send(self, pool: db.Pool, queries: Mapping[str, str]) -> None:
+        """Producer, senders and recovery until stopped; unsent batches released at the end."""
+        settings = self._settings
         self.lanes = {
             name: Lane(name=name, settings=service, queue_size=settings.producer.queue_size)
             for name, service in settings.services.items()
@@ -95,16 +172,10 @@ class Worker:
             worker_id=self.worker_id,
             notify_url=notify_url(settings.webhooks.public_url, settings.webhooks.token),
         )
-        log.info(
-            "worker_started",
-            worker_id=self.worker_id,
-            services=sorted(self.lanes),
-            drain=self._drain,
-        )
         async with create_session(
             connections=sessions_needed(list(self.lanes.values()))
         ) as session:
-            senders = [
+            self.senders = [
                 Sender(
                     pool=pool,
                     queries=queries,
@@ -122,20 +193,62 @@ class Worker:
                     tg.create_task(producer.run(self._stop), name="producer")
                     sending = [
                         tg.create_task(s.run(self._stop), name=f"sender-{lane}")
-                        for s, lane in zip(senders, self.lanes, strict=True)
+                        for s, lane in zip(self.senders, self.lanes, strict=True)
                     ]
                     tg.create_task(recovery.run(self._stop), name="recovery")
                     tg.create_task(self._enforce_grace(sending), name="grace")
                     if self._drain:
                         tg.create_task(self._watch_drain(recovery), name="drain")
-            except Exception:
-                log.exception("worker_failed", worker_id=self.worker_id)
-                raise
             finally:
                 await asyncio.shield(self._release(recovery))
-        stopped = sorted(name for name, lane in self.lanes.items() if lane.stopped)
-        log.info("worker_stopped", worker_id=self.worker_id, services_stopped=stopped)
-        return 1 if self._drain and stopped else 0
+
+    async def _report_stats(self, pool: db.Pool, queries: Mapping[str, str]) -> None:
+        """A worker_stats line every stats_interval_s, and the gauges behind /metrics."""
+        interval_s = self._settings.worker.stats_interval_s
+        last = time.monotonic()
+        last_accepted = last_rejected = last_reports = 0
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
+            now = time.monotonic()
+            elapsed_s = max(now - last, 1e-9)
+            accepted = sum(s.accepted for s in self.senders)
+            rejected = sum(s.rejected for s in self.senders)
+            reports = self.webhooks.stats.reports_stored if self.webhooks else 0
+            lag_s: float | None = None
+            waiting: int | None = None
+            try:
+                row = await pool.fetchrow(queries["worker_report_lag"])
+            except DB_ERRORS as exc:
+                log.warning("stats_query_failed", error=str(exc), error_type=type(exc).__name__)
+            else:
+                assert row is not None
+                lag_s, waiting = round(row["lag_s"], 3), row["waiting"]
+                metrics.REPORT_LAG_SECONDS.set(lag_s)
+            for name, lane in self.lanes.items():
+                metrics.QUEUE_DEPTH.labels(name).set(lane.queue.qsize())
+                metrics.EFFECTIVE_RATE.labels(name).set(lane.limiter.effective_rate_per_s)
+            for sender, name in zip(self.senders, self.lanes, strict=True):
+                metrics.IN_FLIGHT.labels(name).set(sender.in_flight)
+            log.info(
+                "worker_stats",
+                worker_id=self.worker_id,
+                interval_s=round(elapsed_s, 1),
+                sent_per_s=round(
+                    (accepted + rejected - last_accepted - last_rejected) / elapsed_s, 1
+                ),
+                accepted=accepted - last_accepted,
+                rejected=rejected - last_rejected,
+                reports_per_s=round((reports - last_reports) / elapsed_s, 1),
+                queue_depth={n: lane.queue.qsize() for n, lane in self.lanes.items()},
+                in_flight=sum(s.in_flight for s in self.senders),
+                effective_rate_per_s={
+                    n: round(lane.limiter.effective_rate_per_s, 1) for n, lane in self.lanes.items()
+                },
+                report_lag_s=lag_s,
+                reports_waiting=waiting,
+            )
+            last, last_accepted, last_rejected, last_reports = now, accepted, rejected, reports
 
     async def _enforce_grace(self, sending: list[asyncio.Task[None]]) -> None:
         """After a stop, give requests in flight `shutdown_grace_s`, then cancel them."""
@@ -174,18 +287,29 @@ class Worker:
 
 
 async def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
-    """`campaign worker [--drain] [--worker-id ID]`."""
+    """`campaign worker [--drain] [--worker-id ID] [--no-sender|--no-webhooks|--no-reconciler]`."""
     from campaign.cli import database
 
     if args.worker_id:
         settings = dataclasses.replace(
             settings, worker=dataclasses.replace(settings.worker, worker_id=args.worker_id)
         )
+    roles = Roles(
+        sender=not args.no_sender, webhooks=not args.no_webhooks, reconciler=not args.no_reconciler
+    )
     async with database(settings) as dsn:
-        worker = Worker(settings=settings, dsn=dsn, drain=args.drain)
+        worker = Worker(settings=settings, dsn=dsn, drain=args.drain, roles=roles)
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if worker.stopping:
+                # A second signal: the operator does not want to wait for the grace period.
+                log.warning("worker_killed", signal=signal.Signals(signum).name)
+                os._exit(128 + signum)
+            worker.request_stop()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, worker.request_stop)
+            loop.add_signal_handler(signum, on_signal, signum)
         try:
             return await worker.run()
         finally:

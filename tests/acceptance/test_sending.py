@@ -522,6 +522,7 @@ recovery_interval_s = 0.1
 
 [webhooks]
 token = "{WEBHOOK_TOKEN}"
+listen = "127.0.0.1:0"
 
 [worker]
 shutdown_grace_s = 10.0

@@ -107,7 +107,10 @@ def make_settings(
             ),
             **dict(producer or {}),
         ),
-        webhooks=config.WebhookSettings(public_url="http://127.0.0.1:1", token=WEBHOOK_TOKEN),
+        # The worker's own receiver binds a free port; reports are not under test here.
+        webhooks=config.WebhookSettings(
+            listen="127.0.0.1:0", public_url="http://127.0.0.1:1", token=WEBHOOK_TOKEN
+        ),
         worker=config.WorkerSettings(
             **({"worker_id": "test-worker", "shutdown_grace_s": 5.0} | dict(worker or {}))
         ),
