@@ -100,8 +100,8 @@ async def import_csv(
     status = await conn.fetchval("SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id)
     if status is None:
         raise ImportFileError(f"campaign {campaign_id} does not exist")
-    if status in ("completed", "cancelled"):
-        raise ImportFileError(f"campaign {campaign_id} is {status}: create a new campaign")
+    if status == "cancelled":
+        raise ImportFileError(f"campaign {campaign_id} is cancelled: create a new campaign")
     if not await asyncio.to_thread(path.is_file):
         raise ImportFileError(f"{path}: file not found")
     started = time.monotonic()

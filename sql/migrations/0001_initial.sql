@@ -198,6 +198,22 @@ CREATE TRIGGER recipients_notify AFTER INSERT ON campaign.recipients
 CREATE TRIGGER campaigns_notify AFTER INSERT OR UPDATE OF status ON campaign.campaigns
     FOR EACH STATEMENT EXECUTE FUNCTION campaign.notify_work();
 
+-- Recipients added to a completed campaign reopen it, so they are sent rather than
+-- stranded behind a status the producer no longer looks at.
+CREATE FUNCTION campaign.reopen_completed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE campaign.campaigns c
+       SET status = 'running', completed_at = NULL
+     WHERE c.status = 'completed'
+       AND c.id IN (SELECT DISTINCT n.campaign_id FROM new_rows n);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER recipients_reopen AFTER INSERT ON campaign.recipients
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION campaign.reopen_completed();
+
 CREATE FUNCTION campaign.touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.updated_at := now();

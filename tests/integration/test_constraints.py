@@ -119,3 +119,22 @@ async def test_inserts_notify_the_worker_once_per_statement(
         assert got == ["campaigns", "recipients", "campaigns"]
     finally:
         await listener.close()
+
+
+async def test_recipients_added_to_a_completed_campaign_reopen_it(conn: asyncpg.Connection) -> None:
+    done = await _campaign(conn, status="completed")
+    other = await _campaign(conn, status="completed")
+    await conn.execute(
+        "UPDATE campaign.campaigns SET completed_at = now() WHERE id = ANY($1::bigint[])",
+        [done, other],
+    )
+    await conn.execute(
+        "INSERT INTO campaign.recipients (campaign_id, msisdn) VALUES ($1, '+919812345678')", done
+    )
+    rows = await conn.fetch(
+        "SELECT id, status, completed_at FROM campaign.campaigns WHERE id = ANY($1::bigint[])",
+        [done, other],
+    )
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[done]["status"] == "running" and by_id[done]["completed_at"] is None
+    assert by_id[other]["status"] == "completed"

@@ -106,8 +106,8 @@ async def test_unknown_or_finished_campaign_is_refused(
     cid = await _campaign(conn)
     with pytest.raises(importer.ImportFileError, match="file not found"):
         await importer.import_csv(conn, cid, tmp_path / "absent.csv")
-    cid = await _campaign(conn, status="completed")
-    with pytest.raises(importer.ImportFileError, match="is completed"):
+    cid = await _campaign(conn, status="cancelled")
+    with pytest.raises(importer.ImportFileError, match="is cancelled"):
         await importer.import_csv(conn, cid, path)
 
 
