@@ -38,6 +38,17 @@ InterfaceError = asyncpg.InterfaceError
 InternalClientError = asyncpg.InternalClientError
 
 
+# Errors that mean "the database is not there right now" (down, restarting, a connection
+# killed mid-query, a timeout): loops log them, back off and carry on.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
 class SchemaError(Exception):
     """The database schema is not the one this code was built for."""
 

@@ -40,13 +40,7 @@ FINAL_STATUSES = (
 )
 
 # Errors that mean "the database is not there right now": the loop logs and tries again.
-_DATABASE_ERRORS = (
-    db.PostgresError,
-    db.InterfaceError,
-    db.InternalClientError,
-    OSError,
-    TimeoutError,
-)
+_DATABASE_ERRORS = db.UNAVAILABLE_ERRORS
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,18 +46,16 @@ SIGNATURE_HEADER = "X-Hub-Signature"
 # database. The parser should make these impossible; if one slips through, only the request
 # that carries it is refused instead of every request sharing its group.
 _DATA_SQLSTATE_CLASSES = ("22", "23")
-_DATABASE_ERRORS = (
-    db.PostgresError,
-    db.InterfaceError,
-    db.InternalClientError,
-    OSError,
-    TimeoutError,
-)
+_DATABASE_ERRORS = db.UNAVAILABLE_ERRORS
 _RETRY_AFTER_S = "5"
 
 
 class DatabaseUnavailable(Exception):
     """The store failed for reasons outside the request: answer 503."""
+
+
+# Answered 503: the platform sends the body again later.
+_UNAVAILABLE: tuple[type[Exception], ...] = (DatabaseUnavailable, *_DATABASE_ERRORS)
 
 
 class StoreRefused(Exception):
@@ -378,7 +376,7 @@ class WebhookServer:
             return await self._reject(request, kind, body, exc.reason)
         except StoreRefused as exc:
             return await self._reject(request, kind, body, str(exc))
-        except (DatabaseUnavailable, *_DATABASE_ERRORS) as exc:
+        except _UNAVAILABLE as exc:
             return self._unavailable(kind, exc)
 
     async def _delivery_reports(self, request: web.Request, body: bytes) -> web.Response:
