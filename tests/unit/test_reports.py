@@ -281,3 +281,44 @@ def test_parsers_raise_only_parse_error(body: bytes) -> None:
             assert exc.reason
         else:
             assert isinstance(parsed, list)
+
+
+# --- properties of well-formed input: every field that was sent is what is parsed -------
+
+# Ids as the platform issues them (no whitespace: fields are stripped, see below).
+ids = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Cc"), blacklist_characters="\x00"),
+    min_size=1,
+    max_size=50,
+)
+codes = st.sampled_from(["7500", "7501", "7208", "7201", "7004", "7102", "7999"])
+instants = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2099, 12, 31), timezones=st.just(UTC)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(ids, ids, codes, instants), min_size=1, max_size=5))
+def test_well_formed_reports_round_trip(items: list[tuple[str, str, str, datetime]]) -> None:
+    sent = [dr(transid, code, correlation_id=corr, at=at) for transid, corr, code, at in items]
+    parsed = reports.parse_delivery_reports(orjson.dumps(sent if len(sent) > 1 else sent[0]))
+    assert len(parsed) == len(items)
+    for report, (transid, corr, code, at) in zip(parsed, items, strict=True):
+        assert (report.transid, report.correlation_id, report.code) == (transid, corr, code)
+        # The documented timestamp has milliseconds and no offset (UTC).
+        assert report.reported_at == at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids, st.text(max_size=200), st.one_of(st.none(), ids))
+def test_incoming_messages_round_trip_stripped_and_nul_refused(
+    oa: str, text: str, tid: str | None
+) -> None:
+    body = orjson.dumps(mo(oa, text, tid=tid))
+    if "\x00" in text:
+        # PostgreSQL text cannot hold NUL: refused here, kept as a reject by the receiver.
+        with pytest.raises(ParseError):
+            reports.parse_incoming_messages(body)
+        return
+    [message] = reports.parse_incoming_messages(body)
+    assert (message.oa, message.message, message.tid) == (oa, text.strip(), tid)

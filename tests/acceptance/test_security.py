@@ -1,0 +1,209 @@
+"""Security: the token is compared in constant time; a whole run as a least-privileged
+database role (the GRANTs of docs/security.md) works and prints no secret anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+
+from campaign import webhooks
+from tests.helpers.faults import Process, free_port, wait_healthy
+from tests.helpers.sending import add_recipients, create_campaign, numbers
+from tests.helpers.webhooks import TOKEN, dr, running_server
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+SERVICE_KEY = "svc-key-Zq81-secret"
+WEBHOOK_TOKEN = "hook-token-Xy72-secret"
+DB_PASSWORD = "db-pass-Uk54-secret"
+SECRETS = (SERVICE_KEY, WEBHOOK_TOKEN, DB_PASSWORD)
+
+
+async def test_token_is_compared_in_constant_time(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(webhooks.hmac, "compare_digest", spy)
+    async with running_server(pool) as server, aiohttp.ClientSession() as http:
+        for token in ("wrong-token", TOKEN):
+            async with http.post(f"{server.url}/webhooks/dr/{token}", json=dr("t1")) as resp:
+                assert resp.status == (200 if token == TOKEN else 404)
+    assert (b"wrong-token", TOKEN.encode()) in compared
+    assert (TOKEN.encode(), TOKEN.encode()) in compared
+
+
+def grant_statements(role: str, password: str) -> list[str]:
+    """The GRANT block of docs/security.md, for `role`: the docs are what is tested."""
+    block = re.search(r"```sql\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+    assert block, "docs/security.md has no sql block"
+    sql = block.group(1).replace("campaign_worker", role).replace("change-me", password)
+    return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+@pytest.fixture
+async def worker_dsn(dsn: str, conn: asyncpg.Connection) -> AsyncIterator[str]:
+    """A DSN for a new login role with exactly the documented grants (no superuser)."""
+    role = f"campaign_worker_{os.getpid()}"
+    await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+    for statement in grant_statements(role, DB_PASSWORD):
+        await conn.execute(statement)
+    parts = urlsplit(dsn)
+    netloc = f"{role}:{DB_PASSWORD}@{parts.hostname}:{parts.port or 5432}"
+    try:
+        yield urlunsplit(parts._replace(netloc=netloc))
+    finally:
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def write_config(path: Path, *, dsn: str, base_url: str, port: int) -> Path:
+    path.write_text(
+        f"""
+[database]
+dsn = "{dsn}"
+pool_min = 1
+pool_max = 4
+connect_timeout_s = 3.0
+[api]
+base_url = "{base_url}"
+[services.default]
+key = "{SERVICE_KEY}"
+sender_id = "SECURE"
+rate_per_s = 5000.0
+[producer]
+poll_interval_s = 0.1
+recovery_interval_s = 0.5
+[webhooks]
+listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+token = "{WEBHOOK_TOKEN}"
+[reconciler]
+interval_s = 0.1
+[logging]
+format = "json"
+level = "debug"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def spawn(tmp: Path, name: str, *args: str) -> Process:
+    log_path = tmp / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPAIGN_")}
+    with log_path.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "campaign", *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+        )  # fmt: skip
+    return Process(name=name, proc=proc, log_path=log_path)
+
+
+async def run_to_end(tmp: Path, name: str, *args: str) -> Process:
+    process = await spawn(tmp, name, *args)
+    await asyncio.wait_for(process.proc.wait(), timeout=60)
+    return process
+
+
+async def wait_until(conn: asyncpg.Connection, sql: str, *, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await conn.fetchval(sql):
+        assert time.monotonic() < deadline, f"not true within {timeout_s} s: {sql}"
+        await asyncio.sleep(0.1)
+
+
+async def test_full_run_as_a_least_privileged_role_prints_no_secret(
+    conn: asyncpg.Connection, worker_dsn: str, tmp_path: Path
+) -> None:
+    role = urlsplit(worker_dsn).username
+    assert not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role)
+    cid = await create_campaign(conn, body="Hello $(name)")
+    await add_recipients(conn, cid, numbers(200), [{"name": "Ann"}] * 200)
+
+    sim_port, hook_port = free_port(), free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    config = write_config(tmp_path / "c.toml", dsn=worker_dsn, base_url=sim_url, port=hook_port)
+    processes: list[Process] = []
+    simulator = await spawn(
+        tmp_path, "simulate", "simulate", "--listen", f"127.0.0.1:{sim_port}",
+        "--key", SERVICE_KEY, "--set", "dr_delay_max_s=0.1", "--set", "dr_batch_size=50",
+    )  # fmt: skip
+    processes.append(simulator)
+    worker = await spawn(tmp_path, "worker", "--config", str(config), "worker")
+    processes.append(worker)
+    try:
+        await wait_healthy(f"{sim_url}/simulate/stats", simulator)
+        await wait_healthy(f"http://127.0.0.1:{hook_port}/healthz", worker)
+        mo_url = f"http://127.0.0.1:{hook_port}/webhooks/mo/{WEBHOOK_TOKEN}"
+        async with aiohttp.ClientSession() as http:
+            body = {"oa": "919899999999", "message": "STOP", "url": mo_url}
+            async with http.post(f"{sim_url}/simulate/mo", json=body) as resp:
+                assert (await resp.json())["status"] == 200
+            wrong = f"http://127.0.0.1:{hook_port}/webhooks/dr/not-the-token"
+            async with http.post(wrong, json=dr("x")) as resp:
+                assert resp.status == 404
+        # Claims, sends, reports, matching and completion all ran as the restricted role.
+        await wait_until(
+            conn,
+            f"SELECT status = 'completed' FROM campaign.campaigns WHERE id = {cid}",
+        )
+        await wait_until(conn, "SELECT count(*) = 1 FROM campaign.suppressions")
+    finally:
+        for process in processes:
+            assert await process.stop() == 0, process.output()[-3000:]
+
+    delivered = await conn.fetchval(
+        "SELECT count(*) FROM campaign.recipients WHERE status = 'delivered'"
+    )
+    assert delivered == 200
+    runs = [
+        await run_to_end(tmp_path, "status", "--config", str(config), "status"),
+        await run_to_end(tmp_path, "status-json", "--config", str(config), "status", "--json"),
+        await run_to_end(tmp_path, "status-one", "--config", str(config), "status", str(cid)),
+        # An MO to a dead receiver: the simulator's failure lines must not show the URL's token.
+        await run_to_end(
+            tmp_path,
+            "send-mo",
+            "simulate",
+            "--send-mo",
+            "--oa",
+            "919800000001",
+            "--message",
+            "STOP",
+            "--mo-url",
+            f"http://127.0.0.1:{free_port()}/webhooks/mo/{WEBHOOK_TOKEN}",
+        ),
+    ]
+    assert [r.proc.returncode for r in runs] == [0, 0, 0, 1]
+    assert "completed" in runs[0].output()
+    # The database refusing the connection: the error line names no password.
+    broken = write_config(
+        tmp_path / "broken.toml",
+        dsn=worker_dsn.replace(str(urlsplit(worker_dsn).port), str(free_port())),
+        base_url=sim_url,
+        port=hook_port,
+    )
+    failed = await run_to_end(tmp_path, "worker-no-db", "--config", str(broken), "worker")
+    assert failed.proc.returncode != 0
+    assert "command_failed" in failed.output() or "worker_failed" in failed.output()
+
+    everything = "\n".join(p.output() for p in [*processes, *runs, failed])
+    assert "batch_sent" in everything and "mo_received" in everything
+    for secret in SECRETS:
+        assert secret not in everything, f"a secret leaked into the output: {secret[:4]}..."

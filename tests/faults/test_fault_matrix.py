@@ -1,0 +1,244 @@
+"""The fault matrix: a 20,000-recipient campaign runs to completion under each fault, with
+real worker and webhooks processes, a real PostgreSQL and the simulator, and its ledger
+is checked: every recipient final and delivered, every accepted destination recorded with
+the transid the simulator issued, duplicates only where a request's outcome was in doubt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from campaign import db
+from campaign.simulator import Faults, FaultSpec, Simulator, start_simulator
+from tests.helpers.faults import (
+    RECIPIENTS,
+    RESULTS,
+    FaultRun,
+    Row,
+    fault_run,
+    ledger,
+    seed,
+    sim_config,
+    wait_final,
+)
+from tests.helpers.pgprivate import pg_bin, private_server
+
+pytestmark = pytest.mark.slow
+
+
+async def finish(
+    run: FaultRun,
+    conn: asyncpg.Connection,
+    sim: Simulator,
+    campaign_id: int,
+    *,
+    fault: str,
+    started_at: float,
+) -> None:
+    """Wait for every recipient to be final, check the ledger, record the summary row."""
+    counts = await wait_final(conn, campaign_id)
+    elapsed = time.monotonic() - started_at
+    await sim.wait_reports_sent(timeout_s=30)
+    result = await ledger(conn, sim, campaign_id)
+    RESULTS.append(
+        Row(
+            fault=fault,
+            recipients=result.recipients,
+            lost=result.lost,
+            duplicated=result.duplicated,
+            in_doubt=result.in_doubt,
+            time_s=elapsed,
+        )
+    )
+    detail = f"{counts} {result}\n{run.outputs()[-20000:]}"
+    assert result.recipients == RECIPIENTS
+    assert result.statuses == {"delivered": RECIPIENTS}, detail
+    assert result.lost == 0, detail
+    assert not result.problems, detail
+
+
+async def drain_to_end(run: FaultRun, name: str, *, timeout_s: float = 60.0) -> None:
+    worker = await run.start_worker(name, drain=True)
+    code = await asyncio.wait_for(worker.proc.wait(), timeout=timeout_s)
+    assert code == 0, worker.output()[-5000:]
+
+
+async def test_worker_sigkilled_five_times(conn, dsn, tmp_path: Path) -> None:
+    rnd = random.Random(20260102)
+    sim = await start_simulator(sim_config())
+    try:
+        campaign_id = await seed(conn)
+        # Slower than the others so the kills land while batches are in flight.
+        async with fault_run(
+            dsn, sim, tmp_path, service={"rate_per_s": 3000.0, "batch_size": 500}
+        ) as run:
+            await run.start_webhooks()
+            t0 = time.monotonic()
+            kills = 0
+            for n in range(5):
+                worker = await run.start_worker(f"killed-{n}", drain=True)
+                await asyncio.sleep(rnd.uniform(0.8, 2.0))
+                if worker.proc.returncode is None:
+                    await worker.kill()
+                    kills += 1
+            assert kills == 5, "the campaign ended before the fifth kill"
+            await drain_to_end(run, "survivor")
+            await finish(run, conn, sim, campaign_id, fault="worker SIGKILLed 5x", started_at=t0)
+            recovered = await conn.fetchval(
+                "SELECT count(*) FROM campaign.batches "
+                "WHERE status IN ('released', 'abandoned') AND error_code = 'lease_expired'"
+            )
+            assert recovered > 0, "no kill left a batch behind: the test proved nothing"
+    finally:
+        await sim.close()
+
+
+@pytest.mark.skipif(pg_bin() is None, reason="needs PostgreSQL server binaries")
+async def test_postgresql_restarted_mid_campaign(tmp_path: Path) -> None:
+    sim = await start_simulator(sim_config())
+    try:
+        async with private_server() as server:
+            conn = await db.connect(server.dsn)
+            try:
+                await db.migrate(conn)
+                campaign_id = await seed(conn)
+            finally:
+                await conn.close()
+            async with fault_run(
+                server.dsn,
+                sim,
+                tmp_path,
+                service={"rate_per_s": 5000.0, "batch_size": 500},
+            ) as run:
+                await run.start_webhooks()
+                t0 = time.monotonic()
+                worker = await run.start_worker("w1", drain=True)
+                await asyncio.sleep(2.0)
+                assert worker.proc.returncode is None, worker.output()
+                probe = await db.connect(server.dsn)
+                try:
+                    left = await probe.fetchval(
+                        "SELECT count(*) FROM campaign.recipients WHERE status = 'pending'"
+                    )
+                finally:
+                    await probe.close()
+                assert left > 0, "the campaign ended before the restart"
+                await server.restart(mode="immediate")
+                code = await asyncio.wait_for(worker.proc.wait(), timeout=60)
+                assert code == 0, worker.output()[-5000:]
+                conn = await db.connect(server.dsn)
+                try:
+                    await finish(
+                        run, conn, sim, campaign_id, fault="PostgreSQL restarted", started_at=t0
+                    )
+                finally:
+                    await conn.close()
+                # The webhooks process lived through it too.
+                assert run.processes[0].proc.returncode is None
+    finally:
+        await sim.close()
+
+
+API_FAULTS = {
+    "API 500 / 7006 / 7020 bursts": (
+        {
+            "rate_per_s": 4000.0,
+            "burst_s": 0.5,
+            "faults": Faults(
+                http_500=FaultSpec(probability=1.0, requests=(3, 6)),
+                error_7006=FaultSpec(probability=1.0, requests=(9, 12)),
+            ),
+        },
+        {},
+    ),
+    "API slow past the timeout": (
+        {"faults": Faults(slow_response=FaultSpec(probability=0.15, delay_s=4.0))},
+        {"api_timeout_s": 1.0},
+    ),
+    "API closes the connection after reading": (
+        {"faults": Faults(drop_connection=FaultSpec(probability=0.15))},
+        {},
+    ),
+    "reports duplicated / out of order / early / unknown": (
+        {
+            "faults": Faults(
+                duplicate_report=FaultSpec(probability=0.2, delay_s=0.05),
+                out_of_order=FaultSpec(probability=0.2),
+                report_before_response=FaultSpec(probability=0.3),
+                unknown_transid=FaultSpec(probability=0.05),
+                timestamp_offset=FaultSpec(probability=0.2),
+            ),
+            "dr_interim_ratio": 0.2,
+        },
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(API_FAULTS))
+async def test_api_and_report_faults(fault: str, conn, dsn, tmp_path: Path) -> None:
+    knobs, options = API_FAULTS[fault]
+    sim = await start_simulator(sim_config(**knobs))
+    try:
+        campaign_id = await seed(conn)
+        async with fault_run(dsn, sim, tmp_path, **options) as run:
+            await run.start_webhooks()
+            t0 = time.monotonic()
+            await drain_to_end(run, "w1")
+            await finish(run, conn, sim, campaign_id, fault=fault, started_at=t0)
+        fired = sim.stats()["faults"]
+        for name in knobs["faults"].__dataclass_fields__:
+            if getattr(knobs["faults"], name).enabled:
+                assert fired.get(name, 0) > 0, f"{name} never fired: {fired}"
+        if "7020" in fault:
+            assert sim.stats()["requests"]["by_result"].get("7020", 0) > 0
+        if "unknown" in fault:
+            strays = await conn.fetchval(
+                "SELECT count(*) FROM campaign.delivery_reports WHERE recipient_id IS NULL"
+            )
+            assert strays == fired["unknown_transid"], "reports for unknown transids kept"
+    finally:
+        await sim.close()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+async def test_several_workers_one_killed(workers: int, conn, dsn, tmp_path: Path) -> None:
+    rnd = random.Random(workers)
+    sim = await start_simulator(sim_config())
+    try:
+        campaign_id = await seed(conn)
+        rate = 4000.0 / workers
+        async with fault_run(
+            dsn, sim, tmp_path, service={"rate_per_s": rate, "batch_size": 500}
+        ) as run:
+            await run.start_webhooks()
+            t0 = time.monotonic()
+            started = [await run.start_worker(f"w{n}", drain=True) for n in range(workers)]
+            # Past every worker's start-up (three Python processes on two cores take a while).
+            await asyncio.sleep(rnd.uniform(2.0, 3.0))
+            victim = started[rnd.randrange(workers)]
+            assert victim.proc.returncode is None, "the campaign ended before the kill"
+            await victim.kill()
+            for worker in started:
+                if worker is victim:
+                    continue
+                code = await asyncio.wait_for(worker.proc.wait(), timeout=60)
+                assert code == 0, worker.output()[-5000:]
+            await finish(
+                run,
+                conn,
+                sim,
+                campaign_id,
+                fault=f"{workers} workers, one SIGKILLed",
+                started_at=t0,
+            )
+            claimers = await conn.fetchval("SELECT count(DISTINCT worker_id) FROM campaign.batches")
+            assert claimers == workers, "every worker took a share"
+    finally:
+        await sim.close()

@@ -1,0 +1,402 @@
+"""The fault matrix's harness: real `python -m campaign` processes, the simulator in this
+process, a campaign's ledger checked against what the simulator accepted.
+
+`FaultRun` starts the webhooks process (receiver + reconciler) and workers against one
+database; `ledger()` compares every recipient with the simulator's record; `RESULTS`
+collects one summary row per fault for the terminal summary (tests/faults/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from campaign.simulator import Simulator, SimulatorConfig
+from tests.helpers.sending import add_recipients, create_campaign, numbers
+
+SERVICE_KEY = "faults-service-key-8c1d"
+WEBHOOK_TOKEN = "faults-webhook-token-42e7"
+FINAL = frozenset(
+    {"delivered", "failed", "rejected", "invalid", "suppressed", "expired", "cancelled"}
+)
+RECIPIENTS = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the summary table."""
+
+    fault: str
+    recipients: int
+    lost: int
+    duplicated: int
+    in_doubt: int
+    time_s: float
+
+
+RESULTS: list[Row] = []
+# Lines of the soak's report (rate, p99 answer time, memory), printed with the table.
+SOAK: list[str] = []
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """The summary as a Markdown table (printed at the end of the run, kept in the docs)."""
+    lines = [
+        "| fault | recipients | lost | duplicated | in doubt | time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.fault} | {r.recipients} | {r.lost} | {r.duplicated} | {r.in_doubt} "
+            f"| {r.time_s:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def sim_config(**knobs: Any) -> SimulatorConfig:
+    """Reports within 10-150 ms, in arrays of 100; failed callbacks retried for ~10 s."""
+    values: dict[str, Any] = {
+        "keys": (SERVICE_KEY,),
+        "dr_delay_min_s": 0.01,
+        "dr_delay_max_s": 0.15,
+        "dr_batch_size": 100,
+        "callback_retries": 20,
+        "callback_retry_interval_s": 0.5,
+        "dr_timeout_s": 5.0,
+        "seed": 8,
+    } | knobs
+    return SimulatorConfig(**values)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    path: Path,
+    *,
+    dsn: str,
+    base_url: str,
+    webhook_port: int,
+    service: Mapping[str, Any] | None = None,
+    api_timeout_s: float = 2.0,
+    lease_s: float = 3.0,
+) -> Path:
+    """A campaign config scaled for the fault runs: fast polls, short leases and backoff."""
+    values: dict[str, Any] = {
+        "key": SERVICE_KEY,
+        "sender_id": "FAULTS",
+        "rate_per_s": 20_000.0,
+        "batch_size": 1000,
+        "max_in_flight": 4,
+        "in_doubt_grace_s": 15.0,
+        "max_attempts": 20,
+    } | dict(service or {})
+    service_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in values.items())
+    path.write_text(
+        f"""
+[database]
+dsn = {_toml(dsn)}
+pool_min = 1
+pool_max = 6
+connect_timeout_s = 5.0
+
+[api]
+base_url = {_toml(base_url)}
+timeout_s = {api_timeout_s}
+
+[services.default]
+{service_lines}
+
+[producer]
+poll_interval_s = 0.1
+queue_size = 4
+lease_s = {lease_s}
+backoff_base_s = 0.05
+backoff_max_s = 0.5
+recovery_interval_s = 0.25
+
+[webhooks]
+listen = "127.0.0.1:{webhook_port}"
+public_url = "http://127.0.0.1:{webhook_port}"
+token = {_toml(WEBHOOK_TOKEN)}
+store_timeout_s = 3.0
+
+[reconciler]
+interval_s = 0.1
+
+[worker]
+shutdown_grace_s = 5.0
+stats_interval_s = 5.0
+
+[logging]
+format = "json"
+level = "info"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+@dataclass
+class Process:
+    """One `python -m campaign` subprocess, its output in a file."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    log_path: Path
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self, *, timeout_s: float = 15.0) -> int:
+        """SIGTERM and wait; SIGKILL when it does not stop within the safety limit."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout=timeout_s)
+        except TimeoutError:
+            await self.kill()
+            return -9
+
+    def output(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@dataclass
+class FaultRun:
+    """Processes of one fault run against one database; everything stopped on exit."""
+
+    dsn: str
+    config_path: Path
+    workdir: Path
+    webhook_port: int
+    processes: list[Process] = field(default_factory=list)
+    _counter: int = 0
+
+    async def spawn(self, *args: str, name: str) -> Process:
+        self._counter += 1
+        log_path = self.workdir / f"{self._counter:02d}-{name}.log"
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        env.pop("CAMPAIGN_CONFIG", None)
+        env.pop("CAMPAIGN_DATABASE_DSN", None)
+        with log_path.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "campaign",
+                "--config",
+                str(self.config_path),
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+            )
+        process = Process(name=name, proc=proc, log_path=log_path)
+        self.processes.append(process)
+        return process
+
+    async def start_webhooks(self) -> Process:
+        process = await self.spawn("webhooks", name="webhooks")
+        await wait_healthy(f"http://127.0.0.1:{self.webhook_port}/healthz", process)
+        return process
+
+    async def start_worker(self, name: str, *, drain: bool = False) -> Process:
+        # The receiver and reconciler run in their own process (start_webhooks), so
+        # several senders can share one database and one DR URL.
+        args = ["worker", "--worker-id", name, "--no-webhooks", "--no-reconciler"]
+        args += ["--drain"] if drain else []
+        return await self.spawn(*args, name=name)
+
+    async def close(self) -> None:
+        for process in self.processes:
+            if process.proc.returncode is None:
+                await process.stop()
+
+    def outputs(self) -> str:
+        return "\n".join(f"==== {p.log_path.name}\n{p.output()}" for p in self.processes)
+
+
+@contextlib.asynccontextmanager
+async def fault_run(
+    dsn: str,
+    sim: Simulator,
+    workdir: Path,
+    *,
+    service: Mapping[str, Any] | None = None,
+    api_timeout_s: float = 2.0,
+    lease_s: float = 3.0,
+) -> AsyncIterator[FaultRun]:
+    port = free_port()
+    config_path = write_config(
+        workdir / "campaign.toml",
+        dsn=dsn,
+        base_url=sim.base_url,
+        webhook_port=port,
+        service=service,
+        api_timeout_s=api_timeout_s,
+        lease_s=lease_s,
+    )
+    run = FaultRun(dsn=dsn, config_path=config_path, workdir=workdir, webhook_port=port)
+    try:
+        yield run
+    finally:
+        await run.close()
+
+
+async def wait_healthy(url: str, process: Process, *, timeout_s: float = 30.0) -> None:
+    """Until GET url answers 200; fails early when the process died."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.proc.returncode is not None:
+                raise AssertionError(f"{process.name} exited early:\n{process.output()}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} not healthy within {timeout_s} s:\n{process.output()}")
+
+
+async def seed(conn: asyncpg.Connection, count: int = RECIPIENTS) -> int:
+    """A ready campaign of `count` valid, distinct numbers, inserted in one transaction."""
+    async with conn.transaction():
+        campaign_id = await create_campaign(
+            conn, name="faults", body="Fault run $(n)", status="draft"
+        )
+        await add_recipients(conn, campaign_id, numbers(count), [{"n": i} for i in range(count)])
+        await conn.execute(
+            "UPDATE campaign.campaigns SET status = 'ready' WHERE id = $1", campaign_id
+        )
+    return campaign_id
+
+
+async def wait_final(
+    conn: asyncpg.Connection, campaign_id: int, *, timeout_s: float = 60.0
+) -> dict[str, int]:
+    """Until no recipient is pending, sending, queued or unknown (a safety limit only)."""
+    deadline = time.monotonic() + timeout_s
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        rows = await conn.fetch(
+            "SELECT status, count(*) AS n FROM campaign.recipients WHERE campaign_id = $1 "
+            "GROUP BY status",
+            campaign_id,
+        )
+        counts = {r["status"]: r["n"] for r in rows}
+        if set(counts) <= FINAL:
+            return counts
+        await asyncio.sleep(0.2)
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    recipients: int
+    statuses: Mapping[str, int]
+    lost: int
+    duplicated: int
+    in_doubt: int
+    accepted: int
+    problems: tuple[str, ...]
+
+
+async def ledger(conn: asyncpg.Connection, sim: Simulator, campaign_id: int) -> Ledger:
+    """Compare the campaign's recipients with what the simulator accepted.
+
+    Every DR comes from the simulator and carries the transid it issued with the
+    destination's correlation id, so the delivery_reports table is the simulator's record
+    of (correlation id, transid) pairs; its counters give how often each id was accepted.
+    """
+    stats = sim.stats()
+    accepted_by_corr: dict[str, int] = stats["correlation_ids"]
+    rows = await conn.fetch(
+        "SELECT id, correlation_id, status, transid, attempts, dr_code FROM campaign.recipients "
+        "WHERE campaign_id = $1",
+        campaign_id,
+    )
+    issued = {
+        (r["correlation_id"], r["transid"])
+        for r in await conn.fetch(
+            "SELECT DISTINCT correlation_id, transid FROM campaign.delivery_reports "
+            "WHERE correlation_id IN (SELECT correlation_id FROM campaign.recipients "
+            "WHERE campaign_id = $1)",
+            campaign_id,
+        )
+    }
+    in_doubt = int(
+        await conn.fetchval(
+            "SELECT coalesce(sum(destinations), 0) FROM campaign.batches "
+            "WHERE campaign_id = $1 AND status IN ('in_doubt', 'abandoned')",
+            campaign_id,
+        )
+    )
+    problems: list[str] = []
+    statuses: dict[str, int] = {}
+    lost = 0
+    mine = set()
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        corr = r["correlation_id"]
+        mine.add(corr)
+        times = accepted_by_corr.get(corr, 0)
+        if r["status"] != "delivered" or times == 0:
+            lost += 1
+            if len(problems) < 5:
+                problems.append(f"recipient {r['id']} {r['status']} accepted {times}x")
+            continue
+        if (corr, r["transid"]) not in issued:
+            problems.append(f"recipient {r['id']}: transid {r['transid']} not issued for it")
+        if times > 1 and r["attempts"] < times:
+            problems.append(
+                f"recipient {r['id']} accepted {times}x but only {r['attempts']} attempts "
+                "were counted: a duplicate without doubt"
+            )
+    strangers = set(accepted_by_corr) - mine
+    if strangers:
+        problems.append(f"{len(strangers)} accepted correlation ids belong to no recipient")
+    duplicated = sum(times - 1 for times in accepted_by_corr.values() if times > 1)
+    if duplicated > in_doubt:
+        problems.append(f"{duplicated} duplicates but only {in_doubt} destinations in doubt")
+    transids = {t for _, t in issued}
+    if len(transids) != stats["destinations"]["accepted"]:
+        problems.append(
+            f"simulator accepted {stats['destinations']['accepted']} destinations, "
+            f"{len(transids)} transids reached the database"
+        )
+    return Ledger(
+        recipients=len(rows),
+        statuses=statuses,
+        lost=lost,
+        duplicated=duplicated,
+        in_doubt=in_doubt,
+        accepted=stats["destinations"]["accepted"],
+        problems=tuple(problems[:20]),
+    )
