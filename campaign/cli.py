@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_lazy("status", "cmd_status"))
 
     p = sub.add_parser(
+        "prune",
+        help="delete rows past the [retention] settings, in small chunks (see docs/scaling.md)",
+    )
+    p.set_defaults(handler=_lazy("prune", "cmd_prune"))
+
+    p = sub.add_parser(
         "demo",
         help="run the whole product on this machine with an embedded "
         "database and the built-in API simulator",

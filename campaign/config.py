@@ -103,6 +103,18 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """What `campaign prune` deletes: rows older than so many days; 0 keeps them forever."""
+
+    campaigns_days: int = 0
+    reports_days: int = 30
+    batches_days: int = 90
+    incoming_days: int = 90
+    rejects_days: int = 30
+    batch_size: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     format: LogFormat = "auto"
     level: LogLevel = "info"
@@ -119,6 +131,7 @@ class Settings:
     optout: OptOutSettings = OptOutSettings()
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
+    retention: RetentionSettings = RetentionSettings()
     source: str = "<defaults>"
 
     @property
@@ -239,6 +252,9 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
         raise ConfigError(f"{source}: {where} batch_size: must be between 1 and 1000")
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
+    for key, value in kwargs.items():
+        if key.endswith("_days") and value < 0:
+            raise ConfigError(f"{source}: {where} {key}: must not be negative (0 keeps forever)")
     return cls(**kwargs)
 
 

@@ -6,13 +6,20 @@ W seconds at most `rate_per_s * W + batch` destinations leave, which is the prom
 "never above the rate by more than one batch".
 
 When the API keeps answering 7020 (over the tenant's rate) the effective rate drops
-multiplicatively and climbs back additively while requests succeed. It is applied by
-charging each destination `1 / factor` tokens of the one underlying bucket, so the
-bucket's state survives every change.
+multiplicatively and climbs back additively while requests succeed. In a fleet of workers
+(campaign/fleet.py) each worker also takes a share of the rate, and the AIMD factor is the
+fleet's. Both are applied by charging each destination `1 / (factor * share)` tokens of the
+one underlying bucket, so the bucket's state survives every change.
+
+A request carries at most one bucket's worth of tokens (`max_batch`), so it is paid for in
+one step: a worker then never sends more than `share * factor * (rate * W + bucket)` in a
+window of W seconds, and a whole fleet, whose shares add up to one, never more than the
+rate plus one batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -55,25 +62,100 @@ class ServiceLimiter:
         self._min_factor = min(1.0, max(min_fraction, 1.0 / rate_per_s))
         self._clock = clock
         self._factor = 1.0
+        self._share = 1.0
+        self._price_changed = asyncio.Event()
         self._rate_limited_in_a_row = 0
         self._last_change = -math.inf
 
     @property
     def effective_rate_per_s(self) -> float:
-        return self.rate_per_s * self._factor
+        return self.rate_per_s * self._factor * self._share
+
+    @property
+    def factor(self) -> float:
+        """The AIMD factor: 1.0 unless 7020s slowed the service down."""
+        return self._factor
+
+    @property
+    def share(self) -> float:
+        """This worker's part of the service's rate: 1.0 alone, 1/N in a fleet of N."""
+        return self._share
+
+    @property
+    def increase_interval_s(self) -> float:
+        return self._increase_interval_s
+
+    @property
+    def increase_fraction(self) -> float:
+        return self._increase_fraction
 
     @property
     def max_batch(self) -> int:
-        """Destinations one request may carry now: never above the effective rate."""
-        return max(1, min(self.batch_size, math.floor(self.effective_rate_per_s)))
+        """Destinations one request may carry now: one bucket's worth of tokens, so never
+        above the effective rate, and smaller in proportion to the factor and the share."""
+        # The epsilon keeps 3000 * (1/3) from flooring to 999.
+        return max(1, math.floor(self._capacity * self._factor * self._share + 1e-9))
+
+    def set_share(self, fraction: float) -> None:
+        """Take `fraction` (0 < fraction <= 1) of the configured rate from now on."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"a share must be in (0, 1], got {fraction}")
+        if fraction != self._share:
+            self._share = fraction
+            self._repriced()
+
+    def adopt_factor(self, factor: float) -> None:
+        """Use the fleet's AIMD factor. A change restarts the cooldown and the increase
+        interval, so every worker steps from the shared value at about the same time."""
+        factor = min(1.0, max(self._min_factor, factor))
+        if factor == self._factor:
+            return
+        self._factor = factor
+        self._last_change = self._clock()
+        self._repriced()
 
     async def acquire(self, destinations: int) -> None:
-        """Wait until `destinations` may be sent. Larger amounts wait in bucket-sized steps."""
-        tokens = destinations / self._factor
-        while tokens > 1e-9:
-            step = min(tokens, self._capacity)
-            await self._bucket.acquire(step)
-            tokens -= step
+        """Wait until `destinations` may be sent. Larger amounts wait in bucket-sized steps.
+
+        A wait is priced again when the share or the factor changes meanwhile: a sender
+        waiting at the old price would otherwise keep a worker at its old rate (slower
+        after a share rose, faster after one fell) until its tokens came through.
+        """
+        remaining = float(destinations)
+        while remaining > 1e-9:
+            price = self._price()
+            tokens = min(remaining * price, self._capacity)
+            if await self._acquire_unless_repriced(tokens):
+                remaining -= tokens / price
+
+    def _price(self) -> float:
+        """Tokens one destination costs now."""
+        return 1.0 / (self._factor * self._share)
+
+    def _repriced(self) -> None:
+        """Wake the waits priced before this change."""
+        self._price_changed.set()
+        self._price_changed = asyncio.Event()
+
+    async def _acquire_unless_repriced(self, tokens: float) -> bool:
+        """Take `tokens`; False, with nothing taken, if the price changed during the wait."""
+        if self._bucket.has_capacity(tokens):
+            await self._bucket.acquire(tokens)
+            return True
+        acquiring = asyncio.ensure_future(self._bucket.acquire(tokens))
+        changed = asyncio.ensure_future(self._price_changed.wait())
+        try:
+            await asyncio.wait({acquiring, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            if not acquiring.done():
+                # Cancelled in its wait, before it adds to the bucket: nothing was taken.
+                acquiring.cancel()
+                await asyncio.wait({acquiring})
+        if acquiring.cancelled():
+            return False
+        acquiring.result()
+        return True
 
     def record_rate_limited(self) -> None:
         """The API answered 7020. Repeated ones lower the rate, at most once per cooldown."""
@@ -85,6 +167,7 @@ class ServiceLimiter:
             return
         previous = self.effective_rate_per_s
         self._factor = max(self._min_factor, self._factor * self._decrease_factor)
+        self._repriced()
         self._rate_limited_in_a_row = 0
         self._last_change = now
         log.warning(
@@ -104,6 +187,7 @@ class ServiceLimiter:
             return
         previous = self.effective_rate_per_s
         self._factor = min(1.0, self._factor + self._increase_fraction)
+        self._repriced()
         self._last_change = now
         log.info(
             "rate_increased",

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import structlog
 
 from campaign import config, db, metrics
+from campaign.fleet import Fleet
 from campaign.producer import DB_ERRORS, Lane, Producer, notify_url
 from campaign.reconciler import Reconciler
 from campaign.recovery import Recovery
@@ -152,10 +153,19 @@ class Worker:
     async def _send(self, pool: db.Pool, queries: Mapping[str, str]) -> None:
         """Producer, senders and recovery until stopped; unsent batches released at the end."""
         settings = self._settings
-        self.lanes = {
+        lanes = {
             name: Lane(name=name, settings=service, queue_size=settings.producer.queue_size)
             for name, service in settings.services.items()
         }
+        # Registered before the first claim, so every batch is sized to this worker's share.
+        fleet = Fleet(
+            pool=pool,
+            queries=queries,
+            worker_id=self.worker_id,
+            limiters={name: lane.limiter for name, lane in lanes.items()},
+        )
+        await fleet.join(self._stop)
+        self.lanes = lanes
         recovery = Recovery(
             pool=pool,
             queries=queries,
@@ -197,10 +207,12 @@ class Worker:
                     ]
                     tg.create_task(recovery.run(self._stop), name="recovery")
                     tg.create_task(self._enforce_grace(sending), name="grace")
+                    tg.create_task(fleet.run(self._stop), name="fleet")
                     if self._drain:
                         tg.create_task(self._watch_drain(recovery), name="drain")
             finally:
                 await asyncio.shield(self._release(recovery))
+                await asyncio.shield(fleet.leave())
 
     async def _report_stats(self, pool: db.Pool, queries: Mapping[str, str]) -> None:
         """A worker_stats line every stats_interval_s, and the gauges behind /metrics."""

@@ -1,0 +1,108 @@
+-- `campaign prune` (campaign/prune.py): retention in bounded chunks. Each statement deletes
+-- at most $2 rows, oldest first, in its own short transaction, and skips rows another
+-- process holds (SKIP LOCKED), so pruning never waits on, or blocks, a worker.
+
+-- name: prune_finished_campaigns
+-- Completed or cancelled campaigns that finished more than $1 days ago, nothing of theirs
+-- still in flight or in doubt; keyset-paged after id $3.
+-- $1 days, $2 limit, $3 last campaign id returned (0 to start)
+SELECT c.id
+  FROM campaign.campaigns c
+ WHERE c.status IN ('completed', 'cancelled')
+   AND coalesce(c.completed_at, c.updated_at) < now() - make_interval(days => $1)
+   AND c.id > $3
+   AND NOT EXISTS (
+       SELECT 1
+         FROM campaign.recipients r
+        WHERE r.campaign_id = c.id AND r.status IN ('sending', 'unknown'))
+ ORDER BY c.id
+ LIMIT $2;
+
+-- name: prune_campaign_recipients
+-- Delete up to $2 recipients of campaign $1 (one prune_finished_campaigns returned).
+-- $1 campaign id, $2 limit
+DELETE FROM campaign.recipients r
+ WHERE r.id IN (
+       SELECT x.id
+         FROM campaign.recipients x
+        WHERE x.campaign_id = $1
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED);
+
+-- name: prune_campaign_batches
+-- Delete up to $2 batches of campaign $1, through batches_campaign_idx.
+-- $1 campaign id, $2 limit
+DELETE FROM campaign.batches b
+ WHERE b.id IN (
+       SELECT x.id
+         FROM campaign.batches x
+        WHERE x.campaign_id = $1
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED);
+
+-- name: prune_campaign
+-- Delete campaign $1 once its recipients and batches are gone; the checks make sure the
+-- cascade has nothing left to do (a large cascade would be one long transaction).
+-- $1 campaign id
+DELETE FROM campaign.campaigns c
+ WHERE c.id = $1
+   AND c.status IN ('completed', 'cancelled')
+   AND NOT EXISTS (SELECT 1 FROM campaign.recipients r WHERE r.campaign_id = c.id)
+   AND NOT EXISTS (SELECT 1 FROM campaign.batches b WHERE b.campaign_id = c.id);
+
+-- name: prune_delivery_reports
+-- Delete up to $2 reports matched or orphaned more than $1 days ago ('new' ones are work).
+-- $1 days, $2 limit
+DELETE FROM campaign.delivery_reports d
+ WHERE d.id IN (
+       SELECT x.id
+         FROM campaign.delivery_reports x
+        WHERE x.state IN ('matched', 'orphaned')
+          AND x.received_at < now() - make_interval(days => $1)
+        ORDER BY x.id
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED);
+
+-- name: prune_batches
+-- Delete up to $2 finished batches older than $1 days (open ones hold a lease: kept).
+-- $1 days, $2 limit
+DELETE FROM campaign.batches b
+ WHERE b.id IN (
+       SELECT x.id
+         FROM campaign.batches x
+        WHERE x.status NOT IN ('claimed', 'posting')
+          AND coalesce(x.finished_at, x.created_at) < now() - make_interval(days => $1)
+        ORDER BY x.id
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED);
+
+-- name: prune_incoming_messages
+-- Delete up to $2 incoming messages older than $1 days (opt-outs live in suppressions).
+-- $1 days, $2 limit
+DELETE FROM campaign.incoming_messages m
+ WHERE m.id IN (
+       SELECT x.id
+         FROM campaign.incoming_messages x
+        WHERE x.received_at < now() - make_interval(days => $1)
+        ORDER BY x.id
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED);
+
+-- name: prune_webhook_rejects
+-- Delete up to $2 unparsable webhook bodies older than $1 days.
+-- $1 days, $2 limit
+DELETE FROM campaign.webhook_rejects w
+ WHERE w.id IN (
+       SELECT x.id
+         FROM campaign.webhook_rejects x
+        WHERE x.received_at < now() - make_interval(days => $1)
+        ORDER BY x.id
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED);
+
+-- name: prune_dead_workers
+-- Forget workers whose last heartbeat is more than $1 seconds old (long dead; a live
+-- worker whose row is gone registers again at its next heartbeat).
+-- $1 seconds
+DELETE FROM campaign.workers w
+ WHERE w.heartbeat_at < now() - make_interval(secs => $1);
