@@ -36,11 +36,13 @@ QUERIES = (
     "prepare_recipients",
     "cancel_pending",
     "expire_pending",
+    "unknown_service_campaigns",
+    "renew_leases",
 )
 SWEEP_CHUNK = 10_000
 # Errors worth waiting out (the database restarting, a dropped connection); anything
 # else is a bug and stops the worker.
-DB_ERRORS = (db.PostgresError, db.InterfaceError, db.InternalClientError, OSError, TimeoutError)
+DB_ERRORS = db.UNAVAILABLE_ERRORS
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,9 @@ class Lane:
         )
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=queue_size)
         self.stopped = False
+        # Batches claimed by this worker and not yet posted (queued, or waiting for the
+        # limiter): their leases are renewed while they wait.
+        self.held: set[int] = set()
 
     def has_room(self) -> bool:
         return not self.stopped and not self.queue.full()
@@ -245,6 +250,9 @@ class Producer:
         self._wake = asyncio.Event()
         self._listen_conn: db.PoolConnection | None = None
         self._last_sweep = -float("inf")
+        self._last_renewal = -float("inf")
+        # Campaigns already reported as on an unknown service: one error line each.
+        self._reported_unknown: set[int] = set()
 
     def wake(self) -> None:
         """Look for work now (a notification arrived, or a queue has room again)."""
@@ -259,6 +267,9 @@ class Producer:
                     if self._clock() - self._last_sweep >= self._settings.poll_interval_s:
                         self._last_sweep = self._clock()
                         await self.sweep()
+                    if self._clock() - self._last_renewal >= self._settings.lease_s / 3:
+                        self._last_renewal = self._clock()
+                        await self.renew_leases()
                     await self.fill(stop)
                 except DB_ERRORS as exc:
                     log.error("producer_failed", error=str(exc), error_type=type(exc).__name__)
@@ -347,6 +358,7 @@ class Producer:
             suppressed=sum(p.status == "suppressed" for p in prepared),
         )
         if ready:
+            lane.held.add(batch_id)
             lane.queue.put_nowait(self._batch(batch_id, campaign, ready))
         return batch_id
 
@@ -372,13 +384,43 @@ class Producer:
             expires_at=campaign.expires_at,
         )
 
+    async def renew_leases(self) -> int:
+        """Extend the leases of batches still waiting here; returns how many were renewed.
+
+        A slow rate, or one lowered by AIMD, can keep a queued batch waiting longer than
+        lease_s; without renewal recovery would hand it to another claim and this worker
+        would lose every lease it holds, over and over.
+        """
+        held = [batch_id for lane in self._lanes.values() for batch_id in lane.held]
+        if not held:
+            return 0
+        renewed = await self._pool.fetch(
+            self._queries["renew_leases"], held, self._worker_id, self._settings.lease_s
+        )
+        return len(renewed)
+
     async def sweep(self) -> tuple[int, int]:
         """Cancelled and expired campaigns' pending rows get their final status."""
         cancelled = await self._sweep("cancel_pending")
         expired = await self._sweep("expire_pending")
         if cancelled or expired:
             log.info("pending_swept", cancelled=cancelled, expired=expired)
+        await self._report_unknown_services()
         return cancelled, expired
+
+    async def _report_unknown_services(self) -> None:
+        rows = await self._pool.fetch(self._queries["unknown_service_campaigns"], list(self._lanes))
+        for row in rows:
+            if row["id"] in self._reported_unknown:
+                continue
+            self._reported_unknown.add(row["id"])
+            log.error(
+                "campaign_service_unknown",
+                campaign_id=row["id"],
+                service=row["service"],
+                services=sorted(self._lanes),
+                hint="add [services.NAME] to the config or fix the campaign's service",
+            )
 
     async def _sweep(self, name: str) -> int:
         total = 0
@@ -389,8 +431,19 @@ class Producer:
             if count < SWEEP_CHUNK:
                 return total
 
+    def _listening(self) -> bool:
+        conn = self._listen_conn
+        if conn is None:
+            return False
+        try:
+            return not conn.is_closed()
+        except db.InterfaceError:
+            # The pool took the connection back when the server dropped it (a restart):
+            # the proxy is detached and must be replaced, not used.
+            return False
+
     async def _listen(self) -> None:
-        if self._listen_conn is not None and not self._listen_conn.is_closed():
+        if self._listening():
             return
         await self._unlisten()
         try:

@@ -267,6 +267,12 @@ class Sender:
 
     async def send(self, batch: Batch) -> errors.Outcome | None:
         """Send one batch and store its results; None when it was not posted."""
+        try:
+            return await self._send(batch)
+        finally:
+            self._lane.held.discard(batch.id)
+
+    async def _send(self, batch: Batch) -> errors.Outcome | None:
         blog = log.bind(campaign_id=batch.campaign_id, batch_id=batch.id, attempt=batch.attempt)
         if not self._lane.stopped:
             await self._lane.limiter.acquire(batch.destinations)

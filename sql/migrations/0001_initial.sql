@@ -201,11 +201,19 @@ CREATE TRIGGER campaigns_notify AFTER INSERT OR UPDATE OF status ON campaign.cam
 -- Recipients added to a completed campaign reopen it, so they are sent rather than
 -- stranded behind a status the producer no longer looks at.
 CREATE FUNCTION campaign.reopen_completed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    reopened bigint[];
 BEGIN
-    UPDATE campaign.campaigns c
-       SET status = 'running', completed_at = NULL
+    SELECT array_agg(c.id) INTO reopened
+      FROM campaign.campaigns c
      WHERE c.status = 'completed'
        AND c.id IN (SELECT DISTINCT n.campaign_id FROM new_rows n);
+    -- Only when there is one: an UPDATE of no rows would still fire the NOTIFY trigger.
+    IF reopened IS NOT NULL THEN
+        UPDATE campaign.campaigns
+           SET status = 'running', completed_at = NULL
+         WHERE id = ANY(reopened);
+    END IF;
     RETURN NULL;
 END;
 $$;

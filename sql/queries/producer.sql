@@ -15,12 +15,18 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
    AND NOT c.id = ANY($2::bigint[])
    AND (c.send_after IS NULL OR c.send_after <= now())
    AND (c.expires_at IS NULL OR c.expires_at > now())
-   AND EXISTS (
-        SELECT 1
+   -- One probe of recipients_pending_idx per candidate, stopping at its first due row.
+   -- Written as EXISTS, the planner may hash-join a scan of every recipient, or walk the
+   -- primary key through rows already sent, because its statistics still call them
+   -- pending; a range on campaign_id plus an ORDER BY only that index provides keeps this
+   -- an index probe whatever the statistics say.
+   AND (SELECT r.id
           FROM campaign.recipients r
-         WHERE r.campaign_id = c.id
+         WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id
            AND r.status = 'pending'
-           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now()))
+           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+         ORDER BY r.campaign_id, r.id
+         LIMIT 1) IS NOT NULL
  ORDER BY c.priority DESC, c.id
  LIMIT 1;
 
@@ -31,10 +37,14 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
 -- check is repeated here so a pause or cancel committed since next_campaign wins. A ready
 -- campaign becomes running on its first claim. No row is returned when nothing was due.
 -- $1 campaign id, $2 batch size, $3 service, $4 worker id, $5 lease seconds
+-- The range on campaign_id and ORDER BY (campaign_id, id) make recipients_pending_idx the
+-- only index that yields rows in order: with `campaign_id = $1 ORDER BY id` the planner,
+-- trusting statistics that still call the rows already sent pending, walks the primary
+-- key through every one of them on each claim (quadratic over a campaign).
 WITH picked AS (
     SELECT r.id
       FROM campaign.recipients r
-     WHERE r.campaign_id = $1
+     WHERE r.campaign_id >= $1 AND r.campaign_id <= $1
        AND r.status = 'pending'
        AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
        AND EXISTS (
@@ -43,7 +53,7 @@ WITH picked AS (
              WHERE c.id = $1
                AND c.status IN ('ready', 'running')
                AND (c.expires_at IS NULL OR c.expires_at > now()))
-     ORDER BY r.id
+     ORDER BY r.campaign_id, r.id
      LIMIT $2
        FOR UPDATE OF r SKIP LOCKED
 ), batch AS (
@@ -139,3 +149,31 @@ UPDATE campaign.recipients r
        next_attempt_at = NULL, updated_at = now()
   FROM doomed
  WHERE r.id = doomed.id;
+
+-- name: unknown_service_campaigns
+-- Runnable campaigns with pending recipients on a service this worker has no settings
+-- for. They are not touched (another worker may send for that service); the producer
+-- logs each once so a typo in `service` does not leave a campaign waiting in silence.
+-- $1 services this worker sends for (text[])
+SELECT c.id, c.service
+  FROM campaign.campaigns c
+ WHERE c.status IN ('ready', 'running')
+   AND NOT c.service = ANY($1::text[])
+   -- The same index-only probe as next_campaign: one pending row is enough.
+   AND (SELECT r.id
+          FROM campaign.recipients r
+         WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id AND r.status = 'pending'
+         ORDER BY r.campaign_id, r.id
+         LIMIT 1) IS NOT NULL
+ ORDER BY c.id
+ LIMIT 100;
+
+-- name: renew_leases
+-- Keep the leases of batches this worker claimed and has not posted yet (waiting in its
+-- queue or for the rate limiter), so a long wait never lets recovery take them back.
+-- Posted batches are not touched: mark_posting gave them a lease for the request.
+-- $1 batch ids (bigint[]), $2 worker id, $3 lease seconds
+UPDATE campaign.batches
+   SET lease_until = now() + make_interval(secs => $3)
+ WHERE id = ANY($1::bigint[]) AND worker_id = $2 AND status = 'claimed'
+RETURNING id;

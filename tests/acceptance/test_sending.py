@@ -637,3 +637,21 @@ async def test_sigkill_mid_batch_leaves_nothing_stuck_after_restart(
     for correlation_id, times in api.accepted.items():
         assert times == (2 if correlation_id in posted_ids else 1)
     assert len(api.accepted) == 60
+
+
+async def test_batches_waiting_longer_than_their_lease_keep_it(api, conn, dsn) -> None:
+    # Four queued batches of 20 at 40/s are two seconds of work, four leases long: without
+    # renewal, recovery would take waiting batches back and every claim would be lost again.
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(200))
+    settings = make_settings(
+        api.base_url,
+        service={"rate_per_s": 40.0, "batch_size": 20, "max_in_flight": 1},
+        producer={"lease_s": 0.5, "queue_size": 4},
+    )
+    with capture_logs() as logs:
+        assert await drain(settings, dsn) == 0
+    assert events(logs, "batch_lease_lost") == []
+    assert await statuses(conn, cid) == {"queued": 200}
+    assert api.destinations() == 200
+    assert set(await batch_statuses(conn)) == {"done"}

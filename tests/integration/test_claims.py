@@ -56,11 +56,14 @@ async def test_next_campaign_skips_what_cannot_send_now(conn, q) -> None:
         {"status": "draft"},
         {"status": "paused"},
         {"status": "cancelled"},
-        {"status": "completed"},
         {"service": "other"},
     ]
     for spec in specs:
         await add_recipients(conn, await create_campaign(conn, **spec), numbers(1))
+    # Adding recipients reopens a completed campaign; one completed after its last row is not.
+    finished = await create_campaign(conn, status="running")
+    await add_recipients(conn, finished, numbers(1))
+    await conn.execute("UPDATE campaign.campaigns SET status = 'completed' WHERE id = $1", finished)
     later = await create_campaign(conn)
     await conn.execute(
         "UPDATE campaign.campaigns SET send_after = now() + interval '1 hour' WHERE id = $1", later
