@@ -91,6 +91,9 @@ applied AS (
            updated_at     = now()
       FROM best b
      WHERE r.id = b.recipient_id
+       -- Redundant with the join, but an index condition: the planner misjudges how many
+       -- rows `best` holds and would otherwise hash-join a scan of every recipient.
+       AND r.id = ANY(ARRAY(SELECT recipient_id FROM best))
        AND CASE
            WHEN b.status <> 'queued' THEN
                 r.dr_code IS NULL
@@ -108,6 +111,8 @@ marked AS (
        SET state = 'matched', recipient_id = u.recipient_id, matched_at = now()
       FROM usable u
      WHERE d.id = u.id
+       -- As above: probe the primary key instead of scanning every stored report.
+       AND d.id = ANY(ARRAY(SELECT id FROM usable))
     RETURNING d.id
 )
 SELECT (SELECT count(*) FROM picked)  AS examined,

@@ -1,0 +1,1 @@
+"""Benchmarks of issue 7: `python -m bench --help`."""

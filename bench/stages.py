@@ -1,0 +1,679 @@
+"""The stages of issue 7, each with the ceiling it is compared with.
+
+submit     producer + senders (in this process) -> simulator (own process) -> results
+           written; ceiling: a raw asyncpg + aiohttp loop doing the same claims, posts and
+           unnest updates.
+ingest     load generator (own process) -> WebhookServer -> committed; ceiling: a bare
+           aiohttp handler that parses and answers 200.
+reconcile  stored reports -> recipient statuses with the Reconciler; ceiling: one raw
+           UPDATE ... FROM by transid.
+e2e        recipients inserted -> all final with one report each: the simulator and one
+           `campaign worker` (sender, webhooks, reconciler) in their own processes; the
+           ceiling is derived from the stage ceilings (the raw paths one after the other).
+memory     RSS of a `campaign worker` process sending a large campaign; ceiling: its RSS
+           idle.
+latency    insert of a ready campaign -> first request at the simulator, p50 / p99;
+           ceiling: a raw LISTEN that posts on the notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from bench import harness
+from bench.harness import SERVICE, SERVICE_KEY, WEBHOOK_TOKEN, Context, Result
+from campaign import config, db
+from campaign.producer import Lane, Producer
+from campaign.reconciler import Reconciler
+from campaign.sender import Sender, create_session, sessions_needed
+from campaign.webhooks import WebhookServer
+
+MESSAGING_PATH = "/resources/v1/messaging"
+FINAL = ("delivered", "failed", "rejected", "invalid", "suppressed", "expired", "cancelled")
+
+
+# --------------------------------------------------------------------------- submit
+
+
+async def _wait_for(
+    check: Callable[[], Awaitable[bool]], *, interval_s: float, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done after {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def submit_pipeline(dsn: str, base_url: str, n: int) -> float:
+    """Seconds for the product's producer and senders to send `n` pending recipients."""
+    service = config.ServiceSettings(
+        key=SERVICE_KEY, sender_id="BENCH", rate_per_s=1_000_000.0, batch_size=1000
+    )
+    producer_settings = config.ProducerSettings()
+    queries = db.load_queries()
+    pool = await db.create_pool(dsn, min_size=2, max_size=10)
+    try:
+        async with pool.acquire() as conn:
+            await harness.seed_recipients(conn, count=n)
+        lane = Lane(name=SERVICE, settings=service, queue_size=producer_settings.queue_size)
+        producer = Producer(
+            pool=pool,
+            queries=queries,
+            lanes={SERVICE: lane},
+            settings=producer_settings,
+            worker_id="bench",
+            notify_url=None,
+        )
+        watch = await db.connect(dsn)
+
+        async def done() -> bool:
+            sent = await watch.fetchval(
+                "SELECT coalesce(sum(destinations), 0) FROM campaign.batches "
+                "WHERE status NOT IN ('claimed', 'posting')"
+            )
+            return int(sent) >= n
+
+        try:
+            async with create_session(connections=sessions_needed([lane])) as session:
+                sender = Sender(
+                    pool=pool,
+                    queries=queries,
+                    lane=lane,
+                    session=session,
+                    api=config.ApiSettings(base_url=base_url),
+                    producer=producer_settings,
+                    worker_id="bench",
+                    on_taken=producer.wake,
+                )
+                stop = asyncio.Event()
+                started = time.monotonic()
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(producer.run(stop))
+                    tg.create_task(sender.run(stop))
+                    try:
+                        await _wait_for(done, interval_s=0.005, timeout_s=300)
+                    finally:
+                        elapsed = time.monotonic() - started
+                        stop.set()
+            queued = await watch.fetchval(
+                "SELECT count(*) FROM campaign.recipients WHERE status = 'queued'"
+            )
+        finally:
+            await watch.close()
+        if queued != n:
+            raise RuntimeError(f"submit: {queued} of {n} recipients queued")
+        return elapsed
+    finally:
+        await pool.close()
+
+
+# The same index-friendly form as claim_batch (see producer.sql), so the ceiling is a fair one.
+RAW_CLAIM = """
+UPDATE campaign.recipients r SET status = 'sending'
+  FROM (SELECT id FROM campaign.recipients
+         WHERE campaign_id >= $1 AND campaign_id <= $1 AND status = 'pending'
+         ORDER BY campaign_id, id LIMIT $2 FOR UPDATE SKIP LOCKED) p
+ WHERE r.id = p.id
+RETURNING r.id, r.msisdn, r.correlation_id
+"""
+RAW_RESULTS = """
+UPDATE campaign.recipients r SET status = 'queued', transid = u.transid, sent_at = now()
+  FROM unnest($1::bigint[], $2::text[]) AS u(id, transid)
+ WHERE r.id = u.id
+"""
+
+
+async def submit_raw(dsn: str, base_url: str, n: int, *, in_flight: int = 4) -> float:
+    """Seconds for a bare claim / post / unnest-update loop to send `n` recipients."""
+    pool = await db.create_pool(dsn, min_size=in_flight, max_size=in_flight + 1)
+    try:
+        async with pool.acquire() as conn:
+            campaign_id = await harness.seed_recipients(conn, count=n, status="running")
+
+        async def loop(session: aiohttp.ClientSession) -> int:
+            sent = 0
+            while True:
+                rows = await pool.fetch(RAW_CLAIM, campaign_id, 1000)
+                if not rows:
+                    return sent
+                body = orjson.dumps(
+                    {
+                        "deliverychannel": "sms",
+                        "channels": {
+                            "sms": {"text": "Hello from the benchmark", "senderid": "BENCH"}
+                        },
+                        "destination": [
+                            {"msisdn": [r["msisdn"]], "correlationid": r["correlation_id"]}
+                            for r in rows
+                        ],
+                    }
+                )
+                async with session.post(
+                    base_url + MESSAGING_PATH,
+                    data=body,
+                    headers={"key": SERVICE_KEY, "Content-Type": "application/json"},
+                ) as resp:
+                    answer = orjson.loads(await resp.read())
+                by_correlation = {a["correlationid"]: a["transid"] for a in answer["response"]}
+                await pool.execute(
+                    RAW_RESULTS,
+                    [r["id"] for r in rows],
+                    [by_correlation[r["correlation_id"]] for r in rows],
+                )
+                sent += len(rows)
+
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=in_flight)
+        ) as session:
+            started = time.monotonic()
+            counts = await asyncio.gather(*(loop(session) for _ in range(in_flight)))
+            elapsed = time.monotonic() - started
+        if sum(counts) != n:
+            raise RuntimeError(f"raw submit: {sum(counts)} of {n} sent")
+        return elapsed
+    finally:
+        await pool.close()
+
+
+async def submit(ctx: Context) -> Result:
+    n = ctx.sizes.submit
+    sim, base_url = await harness.start_simulator(ctx.work_dir, name="simulator-submit")
+    async with harness.running(sim):
+        await harness.reset(ctx.dsn)
+        pipeline_s = await submit_pipeline(ctx.dsn, base_url, n)
+        await harness.reset(ctx.dsn)
+        raw_s = await submit_raw(ctx.dsn, base_url, n)
+    figure, ceiling = n / pipeline_s, n / raw_s
+    ctx.ceilings["submit"] = ceiling
+    r = harness.ratio(figure, ceiling)
+    return Result(
+        stage="submit",
+        unit="destinations/s",
+        figure=figure,
+        ceiling=ceiling,
+        ratio=r,
+        target=">= 25,000/s and >= 70% of raw",
+        met=figure >= 25_000 and r >= 0.70,
+        n=n,
+        duration_s=pipeline_s,
+        notes="same text for all; 1000 per request; 4 in flight",
+        details={"pipeline_s": pipeline_s, "raw_s": raw_s},
+    )
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+async def _loadgen(ctx: Context, url: str, n: int, name: str) -> dict[str, Any]:
+    process = await harness.spawn(
+        name,
+        ["-m", "bench.loadgen", "--url", url, "--requests", str(n), "--timeout-s", "120"],
+        work_dir=ctx.work_dir,
+    )
+    code = await asyncio.wait_for(process.proc.wait(), timeout=180)
+    text = process.log_text().strip().splitlines()
+    if code != 0 or not text:
+        raise RuntimeError(f"{name} failed ({code}): {process.log_text()[-2000:]}")
+    result: dict[str, Any] = orjson.loads(text[-1])
+    return result
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: web.Application, port: int) -> Any:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def bare_app() -> web.Application:
+    async def handle(request: web.Request) -> web.Response:
+        orjson.loads(await request.read())
+        return web.json_response({"status": "ok", "reports": 1})
+
+    app = web.Application()
+    app.router.add_post("/webhooks/dr/{token}", handle)
+    return app
+
+
+async def ingest(ctx: Context) -> Result:
+    n = ctx.sizes.ingest
+    await harness.reset(ctx.dsn)
+    path = f"/webhooks/dr/{WEBHOOK_TOKEN}"
+    pool = await db.create_pool(ctx.dsn, min_size=2, max_size=10)
+    try:
+        port = harness.free_port()
+        server = WebhookServer(
+            pool=pool,
+            settings=config.WebhookSettings(listen=f"127.0.0.1:{port}", token=WEBHOOK_TOKEN),
+            optout=config.OptOutSettings(),
+            queries=db.load_queries(),
+        )
+        await server.start()
+        try:
+            product = await _loadgen(ctx, f"{server.url}{path}", n, "loadgen-ingest")
+        finally:
+            await server.stop()
+        stored = await pool.fetchval("SELECT count(*) FROM campaign.delivery_reports")
+    finally:
+        await pool.close()
+    if product["statuses"] != {"200": n} or stored != n:
+        raise RuntimeError(f"ingest: answers {product['statuses']}, {stored} of {n} stored")
+    port = harness.free_port()
+    async with _serve(bare_app(), port):
+        bare = await _loadgen(ctx, f"http://127.0.0.1:{port}{path}", n, "loadgen-bare")
+    figure = n / float(product["duration_s"])
+    ceiling = n / float(bare["duration_s"])
+    ctx.ceilings["ingest"] = ceiling
+    r = harness.ratio(figure, ceiling)
+    return Result(
+        stage="ingest",
+        unit="reports/s",
+        figure=figure,
+        ceiling=ceiling,
+        ratio=r,
+        target=">= 8,000/s and >= 80% of bare handler",
+        met=figure >= 8_000 and r >= 0.80,
+        n=n,
+        duration_s=float(product["duration_s"]),
+        notes="1 report per POST, 32 connections",
+        details={"server_stats": dict(vars_of(server.stats)), "bare": bare},
+    )
+
+
+def vars_of(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+# --------------------------------------------------------------------------- reconcile
+
+SEED_QUEUED = """
+WITH c AS (
+    INSERT INTO campaign.campaigns (name, service, body, status)
+    VALUES ('bench', $2, 'Hello', 'running') RETURNING id
+)
+INSERT INTO campaign.recipients (campaign_id, msisdn, status, transid, sent_at, msisdn_e164)
+SELECT c.id, '9198' || lpad(i::text, 8, '0'), 'queued', 'bench-' || i, now(),
+       '+9198' || lpad(i::text, 8, '0')
+  FROM c, generate_series(0, $1::int - 1) i
+"""
+SEED_REPORTS = """
+INSERT INTO campaign.delivery_reports
+       (transid, correlation_id, code, delivery_status, description, destination, reported_at, raw)
+SELECT 'bench-' || i, 'r' || (i + 1), '7500', 'Delivered', 'Delivered',
+       '9198' || lpad(i::text, 8, '0'), now(), '{}'::jsonb
+  FROM generate_series(0, $1::int - 1) i
+ ORDER BY random()
+"""
+RAW_RECONCILE = """
+UPDATE campaign.recipients r
+   SET status = 'delivered', dr_code = d.code, dr_status = d.delivery_status,
+       dr_description = d.description, dr_at = d.reported_at, updated_at = now()
+  FROM campaign.delivery_reports d
+ WHERE d.transid = r.transid AND d.state = 'new'
+"""
+
+
+async def seed_reconcile(dsn: str, n: int) -> None:
+    await harness.reset(dsn)
+    conn = await db.connect(dsn)
+    try:
+        await conn.execute(SEED_QUEUED, n, SERVICE)
+        await conn.execute(SEED_REPORTS, n)
+        await conn.execute("ANALYZE campaign.recipients")
+        await conn.execute("ANALYZE campaign.delivery_reports")
+    finally:
+        await conn.close()
+
+
+async def reconcile_product(dsn: str, n: int) -> float:
+    await seed_reconcile(dsn, n)
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        reconciler = Reconciler(
+            pool=pool, settings=config.ReconcilerSettings(), queries=db.load_queries()
+        )
+        started = time.monotonic()
+        matched = 0
+        for _ in range(n):
+            result = await reconciler.run_once()
+            matched += result.reports_matched
+            if not result.full:
+                break
+        elapsed = time.monotonic() - started
+        delivered = await pool.fetchval(
+            "SELECT count(*) FROM campaign.recipients WHERE status = 'delivered'"
+        )
+    finally:
+        await pool.close()
+    if matched != n or delivered != n:
+        raise RuntimeError(f"reconcile: {matched} matched, {delivered} of {n} delivered")
+    return elapsed
+
+
+async def reconcile_raw(dsn: str, n: int) -> float:
+    await seed_reconcile(dsn, n)
+    conn = await db.connect(dsn)
+    try:
+        started = time.monotonic()
+        status = await conn.execute(RAW_RECONCILE)
+        elapsed = time.monotonic() - started
+    finally:
+        await conn.close()
+    if int(status.split()[-1]) != n:
+        raise RuntimeError(f"raw reconcile: {status}")
+    return elapsed
+
+
+async def reconcile(ctx: Context) -> Result:
+    n = ctx.sizes.reconcile
+    product_s = await reconcile_product(ctx.dsn, n)
+    raw_s = await reconcile_raw(ctx.dsn, n)
+    figure, ceiling = n / product_s, n / raw_s
+    ctx.ceilings["reconcile"] = ceiling
+    return Result(
+        stage="reconcile",
+        unit="reports/s",
+        figure=figure,
+        ceiling=ceiling,
+        ratio=harness.ratio(figure, ceiling),
+        target=">= 30,000/s",
+        met=figure >= 30_000,
+        n=n,
+        duration_s=product_s,
+        notes="reports in random order, batch_size 5000",
+        details={"product_s": product_s, "raw_s": raw_s},
+    )
+
+
+# --------------------------------------------------------------------------- e2e
+
+
+@contextlib.asynccontextmanager
+async def _product(
+    ctx: Context, name: str, *, flags: tuple[str, ...] = (), sim_settings: tuple[str, ...] = ()
+) -> Any:
+    """The simulator and a `campaign worker` (with `flags`), both started and idle."""
+    sim, base_url = await harness.start_simulator(
+        ctx.work_dir, settings=sim_settings, name=f"simulator-{name}"
+    )
+    async with harness.running(sim):
+        cfg = harness.write_config(
+            ctx.work_dir / f"{name}.toml", base_url=base_url, webhooks_port=harness.free_port()
+        )
+        worker = await harness.spawn(
+            f"worker-{name}",
+            ["-m", "campaign", "--config", str(cfg), "worker", *flags],
+            work_dir=ctx.work_dir,
+            env={"CAMPAIGN_DATABASE_DSN": ctx.dsn},
+        )
+        async with harness.running(worker):
+            await harness.wait_log(worker, "worker_started")
+            yield worker, base_url
+
+
+# Reports are not wanted where only sending is measured.
+NO_REPORTS = ("faults.lost_report.probability=1.0",)
+SENDER_ONLY = ("--no-webhooks", "--no-reconciler")
+
+
+async def e2e(ctx: Context) -> Result:
+    n = ctx.sizes.e2e
+    await harness.reset(ctx.dsn)
+    sim_settings = ("dr_batch_size=100", "dr_delay_min_s=0.1", "dr_delay_max_s=1.0")
+    async with _product(ctx, "e2e", sim_settings=sim_settings) as (_, base_url):
+        conn = await db.connect(ctx.dsn)
+        try:
+            campaign_id = await harness.seed_recipients(conn, count=n)
+            started = time.monotonic()
+
+            async def completed() -> bool:
+                status = await conn.fetchval(
+                    "SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id
+                )
+                return bool(status == "completed")
+
+            await _wait_for(completed, interval_s=0.05, timeout_s=max(120.0, n / 500))
+            elapsed = time.monotonic() - started
+            delivered = await conn.fetchval(
+                "SELECT count(*) FROM campaign.recipients WHERE status = 'delivered'"
+            )
+            reports = await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports")
+        finally:
+            await conn.close()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base_url}/simulate/stats?summary=1") as resp,
+        ):
+            sim_stats = await resp.json()
+    if delivered != n or reports != n:
+        raise RuntimeError(f"e2e: {delivered} delivered, {reports} reports, of {n}")
+    figure = n / elapsed
+    stages = [ctx.ceilings.get(s, 0.0) for s in ("submit", "ingest", "reconcile")]
+    # The raw paths one after the other on this machine: 1 / sum(1 / ceiling).
+    ceiling = 1 / sum(1 / c for c in stages) if all(stages) else 0.0
+    return Result(
+        stage="e2e",
+        unit="messages/s",
+        figure=figure,
+        ceiling=ceiling,
+        ratio=harness.ratio(figure, ceiling),
+        target=">= 5,000/s",
+        met=figure >= 5_000,
+        n=n,
+        duration_s=elapsed,
+        notes="insert committed -> campaign completed; DRs 100 per POST, 0.1-1 s late",
+        details={
+            "ceiling": "derived: 1 / (1/submit + 1/ingest + 1/reconcile) raw ceilings",
+            "simulator": {
+                "accepted": sim_stats["destinations"]["accepted"],
+                "duplicate_msisdns": sim_stats["destinations"]["duplicate_msisdns"],
+                "reports": sim_stats["reports"],
+            },
+        },
+    )
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident set size from /proc (Linux), so the bench needs no extra dependency."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def memory(ctx: Context) -> Result:
+    n = ctx.sizes.memory
+    await harness.reset(ctx.dsn)
+    async with _product(ctx, "memory", flags=SENDER_ONLY, sim_settings=NO_REPORTS) as (worker, _):
+        await asyncio.sleep(1.0)
+        idle_mb = _rss_mb(worker.pid)
+        conn = await db.connect(ctx.dsn)
+        try:
+            # Drafted first, so the worker samples while sending, not while rows arrive.
+            campaign_id = await harness.seed_recipients(conn, count=n, status="draft")
+            await conn.execute(
+                "UPDATE campaign.campaigns SET status = 'ready' WHERE id = $1", campaign_id
+            )
+            started = time.monotonic()
+            samples: list[tuple[float, float]] = []  # (progress, rss MB)
+            deadline = started + max(120.0, n / 2000)
+            while True:
+                sent = int(
+                    await conn.fetchval(
+                        "SELECT coalesce(sum(destinations), 0) FROM campaign.batches "
+                        "WHERE status NOT IN ('claimed', 'posting')"
+                    )
+                )
+                samples.append((sent / n, _rss_mb(worker.pid)))
+                if sent >= n:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"memory: {sent} of {n} sent")
+                await asyncio.sleep(0.5)
+            elapsed = time.monotonic() - started
+        finally:
+            await conn.close()
+    peak = max(mb for _, mb in samples)
+    early = [mb for progress, mb in samples if 0.2 <= progress <= 0.3] or [samples[0][1]]
+    late = [mb for progress, mb in samples if progress >= 0.5] or [samples[-1][1]]
+    growth = max(late) - max(early)
+    flat = growth <= max(10.0, 0.05 * peak)
+    return Result(
+        stage="memory",
+        unit="MB RSS",
+        figure=peak,
+        ceiling=idle_mb,
+        ratio=harness.ratio(idle_mb, peak),
+        target="< 200 MB, flat",
+        met=peak < 200 and flat,
+        n=n,
+        duration_s=elapsed,
+        notes=f"growth after 25% sent: {growth:+.1f} MB; {n / elapsed:,.0f} destinations/s",
+        details={
+            "idle_mb": idle_mb,
+            "growth_mb": growth,
+            "samples": [
+                (round(p, 3), round(mb, 1)) for p, mb in samples[:: max(1, len(samples) // 200)]
+            ],
+        },
+    )
+
+
+# --------------------------------------------------------------------------- latency
+
+
+async def _requests_seen(session: aiohttp.ClientSession, base_url: str) -> int:
+    async with session.get(f"{base_url}/simulate/stats?summary=1") as resp:
+        stats = await resp.json()
+    return int(stats["requests"]["total"])
+
+
+async def _first_request_s(
+    conn: db.Connection, session: aiohttp.ClientSession, base_url: str
+) -> float:
+    """Insert a ready campaign of 10 recipients; seconds until the simulator saw a request."""
+    before = await _requests_seen(session, base_url)
+    async with conn.transaction():
+        campaign_id = await conn.fetchval(
+            "INSERT INTO campaign.campaigns (name, service, body, status) "
+            "VALUES ('latency', $1, 'Hello', 'ready') RETURNING id",
+            SERVICE,
+        )
+        await harness.insert_recipients(conn, campaign_id, 10)
+    committed = time.monotonic()
+    deadline = committed + 10
+    while await _requests_seen(session, base_url) == before:
+        if time.monotonic() > deadline:
+            raise TimeoutError("latency: no request within 10 s")
+        await asyncio.sleep(0.002)
+    return time.monotonic() - committed
+
+
+async def _trials(ctx: Context, base_url: str) -> list[float]:
+    conn = await db.connect(ctx.dsn)
+    try:
+        async with aiohttp.ClientSession() as session:
+            seconds = []
+            for trial in range(ctx.sizes.latency_trials):
+                # Off the poll interval's phase, so polling cannot pass for NOTIFY.
+                await asyncio.sleep(0.15 + 0.07 * (trial % 5))
+                seconds.append(await _first_request_s(conn, session, base_url))
+            return seconds
+    finally:
+        await conn.close()
+
+
+async def _raw_listener(dsn: str, base_url: str) -> Any:
+    """LISTEN campaign_work and post one destination on every notification."""
+    conn = await db.connect(dsn)
+    session = aiohttp.ClientSession()
+    tasks: set[asyncio.Task[None]] = set()
+    body = orjson.dumps(
+        {
+            "deliverychannel": "sms",
+            "channels": {"sms": {"text": "Hello", "senderid": "BENCH"}},
+            "destination": [{"msisdn": ["919800000001"], "correlationid": "raw"}],
+        }
+    )
+
+    async def post() -> None:
+        async with session.post(
+            base_url + MESSAGING_PATH,
+            data=body,
+            headers={"key": SERVICE_KEY, "Content-Type": "application/json"},
+        ) as resp:
+            await resp.read()
+
+    def on_notify(*_: object) -> None:
+        task = asyncio.ensure_future(post())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await conn.add_listener("campaign_work", on_notify)
+
+    async def close() -> None:
+        await conn.close()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+
+    return close
+
+
+async def latency(ctx: Context) -> Result:
+    await harness.reset(ctx.dsn)
+    async with _product(ctx, "latency", flags=SENDER_ONLY, sim_settings=NO_REPORTS) as (
+        _,
+        base_url,
+    ):
+        product = await _trials(ctx, base_url)
+    await harness.reset(ctx.dsn)
+    sim, base_url = await harness.start_simulator(ctx.work_dir, name="simulator-latency-raw")
+    async with harness.running(sim):
+        close = await _raw_listener(ctx.dsn, base_url)
+        try:
+            raw = await _trials(ctx, base_url)
+        finally:
+            await close()
+    p50, p99 = harness.percentile(product, 0.5), harness.percentile(product, 0.99)
+    raw_p99 = harness.percentile(raw, 0.99)
+    return Result(
+        stage="latency",
+        unit="s p99",
+        figure=p99,
+        ceiling=raw_p99,
+        ratio=harness.ratio(raw_p99, p99),
+        target="< 1 s p99",
+        met=p99 < 1.0,
+        n=len(product),
+        duration_s=sum(product),
+        notes=f"p50 {p50 * 1000:.0f} ms (raw {harness.percentile(raw, 0.5) * 1000:.0f} ms)",
+        details={"trials_s": product, "raw_trials_s": raw, "p50_s": p50},
+    )
+
+
+STAGES: dict[str, Callable[[Context], Awaitable[Result]]] = {
+    "submit": submit,
+    "ingest": ingest,
+    "reconcile": reconcile,
+    "e2e": e2e,
+    "memory": memory,
+    "latency": latency,
+}
