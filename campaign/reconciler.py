@@ -41,6 +41,10 @@ FINAL_STATUSES = (
 
 # Errors that mean "the database is not there right now": the loop logs and tries again.
 _DATABASE_ERRORS = db.UNAVAILABLE_ERRORS
+# A step normally takes well under a second. One stuck past this (a lock that is never
+# released, a pathological plan) fails the pass loudly (`reconcile_failed`) and the next
+# pass tries again, instead of the reconciler stalling in silence.
+STEP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +104,7 @@ class Reconciler:
         """One pass: match, orphan, time out, complete. Each step commits on its own."""
         started = time.monotonic()
         s = self._settings
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn:
             match = await conn.fetchrow(
                 self._queries["reconcile_match_reports"],
                 self._after_id,
@@ -108,6 +112,7 @@ class Reconciler:
                 self._codes,
                 self._statuses,
                 reports.OTHER_CODE_STATUS,
+                timeout=STEP_TIMEOUT_S,
             )
             assert match is not None
             examined = int(match["examined"])
@@ -115,7 +120,10 @@ class Reconciler:
             self._after_id = int(match["last_id"]) if full else 0
 
             orphans = await conn.fetch(
-                self._queries["reconcile_orphan_reports"], s.orphan_after_s, s.batch_size
+                self._queries["reconcile_orphan_reports"],
+                s.orphan_after_s,
+                s.batch_size,
+                timeout=STEP_TIMEOUT_S,
             )
             for row in orphans:
                 log.warning(
@@ -128,7 +136,10 @@ class Reconciler:
                 )
 
             timed_out = await conn.fetch(
-                self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size
+                self._queries["reconcile_report_timeout"],
+                s.report_timeout_s,
+                s.batch_size,
+                timeout=STEP_TIMEOUT_S,
             )
             for row in timed_out:
                 log.warning(
@@ -138,7 +149,9 @@ class Reconciler:
                     report_timeout_s=s.report_timeout_s,
                 )
 
-            completed = await conn.fetch(self._queries["reconcile_complete_campaigns"])
+            completed = await conn.fetch(
+                self._queries["reconcile_complete_campaigns"], timeout=STEP_TIMEOUT_S
+            )
             for row in completed:
                 counts: Mapping[str, int] = row["counts"]
                 per_status = {status: int(counts.get(status, 0)) for status in FINAL_STATUSES}
