@@ -55,7 +55,7 @@ async def seed_queued(conn: asyncpg.Connection, count: int) -> int:
     return int(campaign_id)
 
 
-@pytest.mark.timeout(SOAK_S + 240)
+@pytest.mark.timeout(SOAK_S + 480)
 async def test_soak_reports_at_a_steady_rate_while_a_campaign_sends(
     conn: asyncpg.Connection, dsn: str, tmp_path: Path
 ) -> None:
@@ -126,8 +126,10 @@ async def test_soak_reports_at_a_steady_rate_while_a_campaign_sends(
             await sampler
             code = await asyncio.wait_for(sender.proc.wait(), timeout=120)
             assert code == 0, sender.output()[-3000:]
-            soak_counts = await wait_final(conn, soak_id, timeout_s=60)
-            sending_counts = await wait_final(conn, sending_id, timeout_s=60)
+            # Reports arrive faster than one reconciler matches them on two busy cores; the
+            # backlog drains after the soak. The limit only stops a broken run.
+            soak_counts = await wait_final(conn, soak_id, timeout_s=180)
+            sending_counts = await wait_final(conn, sending_id, timeout_s=180)
             assert receiver.proc.returncode is None, "the receiver died"
 
         stored = await conn.fetchval(
