@@ -220,11 +220,46 @@ async def connect(dsn: str, *, timeout_s: float = 10.0) -> asyncpg.Connection:
     return conn
 
 
+class _PooledConnection(asyncpg.Connection):
+    """A pool connection whose release costs no round trip unless it listened.
+
+    asyncpg resets every released connection with `pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`: one more round trip per pooled query or transaction (the
+    receiver's group commits pay it every time). Our pooled connections take no advisory
+    locks (only migrate does, on a connection of its own), open no cursors and change no
+    session settings; LISTEN is the one session state they use, so the full reset runs
+    only after one. An open transaction is still rolled back and listener callbacks are
+    still dropped on every release (asyncpg does that before asking for this query).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._listened = False
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        self._listened = True
+        await super().add_listener(channel, callback)
+
+    def get_reset_query(self) -> str:
+        query: str = super().get_reset_query() if self._listened else ""
+        return query
+
+    # asyncpg's own signature: the pool calls reset(timeout=...).
+    async def reset(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await super().reset(timeout=timeout)
+        self._listened = False
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, timeout_s: float = 10.0
 ) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, timeout=timeout_s, init=init_connection
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout_s,
+        init=init_connection,
+        connection_class=_PooledConnection,
     )
     assert pool is not None
     return pool

@@ -62,8 +62,9 @@ def destination_kind(code: str) -> DestinationKind:
 
 
 def _text(value: Any) -> str | None:
-    if value is None:
-        return None
+    # The common cases first: this runs four times per result, 1000 results per answer.
+    if value is None or type(value) is str:
+        return value
     if isinstance(value, str | int) and not isinstance(value, bool):
         return str(value)
     raise ResponseError(f"expected text, got {type(value).__name__}")
@@ -113,17 +114,6 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
 
 
-def _api_error(body: bytes | None) -> DestinationResult | None:
-    """The request-level error object in a body, when there is one."""
-    if not body:
-        return None
-    try:
-        parsed = parse_response(body)
-    except ResponseError:
-        return None
-    return parsed if isinstance(parsed, DestinationResult) else None
-
-
 def classify(
     http_status: int | None,
     body: bytes | BaseException | None,
@@ -143,7 +133,15 @@ def classify(
     if http_status is None:
         raise ValueError("classify needs an HTTP status or an exception")
 
-    api = _api_error(body)
+    # Parsed once (a 1000-result answer costs about 0.7 ms): the request-level error object
+    # names the code of a non-2xx answer, and a 2xx answer's results are read from it.
+    parsed: list[DestinationResult] | DestinationResult | None = None
+    parse_error: ResponseError | None = None
+    try:
+        parsed = parse_response(body or b"")
+    except ResponseError as exc:
+        parse_error = exc
+    api = parsed if isinstance(parsed, DestinationResult) else None
     code = api.code if api else f"http_{http_status}"
     description = api.description if api else f"HTTP {http_status}"
 
@@ -159,11 +157,9 @@ def classify(
     if 400 <= http_status < 500 or http_status < 200:
         return Outcome("rejected", code, description)
 
-    try:
-        parsed = parse_response(body or b"")
-    except ResponseError as exc:
+    if parsed is None:
         # A 2xx we cannot read may still mean the messages were queued.
-        return Outcome("in_doubt", "bad_response", str(exc))
+        return Outcome("in_doubt", "bad_response", str(parse_error))
     if isinstance(parsed, list):
         return Outcome("ok", QUEUED, "results", results=tuple(parsed))
     if parsed.code == QUEUED:

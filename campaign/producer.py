@@ -7,7 +7,9 @@ service never holds up another and no claimed batch waits outside a queue.
 
 Per recipient it normalises the number, drops opted-out numbers, renders the text and
 checks it; rows that must not be sent get their final status in one set-based statement
-and the rest become one request body, encoded once.
+(only when there are any) and the rest become one request body, encoded once. What the
+checks found for the rows sent (number, encoding, parts) travels with the batch and is
+written with the results, so a sent row is written at claim and at its result only.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class Batch:
     # Attempts already made per recipient (same order as recipient_ids).
     attempts: tuple[int, ...]
     expires_at: datetime | None = None
+    # What the claim found per recipient (same order), stored with the results.
+    msisdn_e164: tuple[str | None, ...] = ()
+    encodings: tuple[str | None, ...] = ()
+    parts: tuple[int | None, ...] = ()
 
     @property
     def destinations(self) -> int:
@@ -135,6 +141,8 @@ class Claimed:
     variables: Mapping[str, Any]
     correlation_id: str
     attempts: int
+    # Set by an earlier attempt's results: the number was already normalised.
+    msisdn_e164: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +166,10 @@ def normalise_all(
     """Each row's E.164 number, or why it has none."""
     numbers: list[str | sms.InvalidRecipient] = []
     for row in rows:
+        if row.msisdn_e164 is not None:
+            # A retry: phonenumbers already accepted this number (17 ms per 1000 rows).
+            numbers.append(row.msisdn_e164)
+            continue
         try:
             numbers.append(sms.normalise_msisdn(row.msisdn, default_region=default_region))
         except sms.InvalidRecipient as exc:
@@ -320,6 +332,7 @@ class Producer:
                     variables=r["variables"],
                     correlation_id=r["correlation_id"],
                     attempts=r["attempts"],
+                    msisdn_e164=r["msisdn_e164"],
                 )
                 for r in records
             ]
@@ -335,17 +348,18 @@ class Producer:
                 suppressed=suppressed,
                 plus_prefix=lane.settings.plus_prefix,
             )
-            await conn.fetchval(
-                self._queries["prepare_recipients"],
-                batch_id,
-                [p.id for p in prepared],
-                [p.status for p in prepared],
-                [p.msisdn_e164 for p in prepared],
-                [p.encoding for p in prepared],
-                [p.parts for p in prepared],
-                [p.error_code for p in prepared],
-                [p.error_message for p in prepared],
-            )
+            # Rows to send stay as claimed: their checks are written with their results.
+            final = [p for p in prepared if p.destination is None]
+            if final:
+                await conn.fetchval(
+                    self._queries["prepare_recipients"],
+                    batch_id,
+                    [p.id for p in final],
+                    [p.status for p in final],
+                    [p.msisdn_e164 for p in final],
+                    [p.error_code for p in final],
+                    [p.error_message for p in final],
+                )
         ready = [p for p in prepared if p.destination is not None]
         log.info(
             "batch_claimed",
@@ -382,6 +396,9 @@ class Producer:
             correlation_ids=tuple(d.correlation_id for d in destinations),
             attempts=tuple(p.attempts for p in ready),
             expires_at=campaign.expires_at,
+            msisdn_e164=tuple(p.msisdn_e164 for p in ready),
+            encodings=tuple(p.encoding for p in ready),
+            parts=tuple(p.parts for p in ready),
         )
 
     async def renew_leases(self) -> int:

@@ -446,6 +446,7 @@ class Sender:
             None if outcome.kind == "ok" else outcome.code,
             None if outcome.kind == "ok" else outcome.description,
             duration_ms,
+            *claim_columns(batch, plan.ids),
         )
         for attempt in range(WRITE_ATTEMPTS):
             try:
@@ -467,6 +468,22 @@ class Sender:
         except DB_ERRORS as exc:
             # The lease runs out and recovery returns the rows to pending instead.
             blog.error("batch_release_failed", error=str(exc), error_type=type(exc).__name__)
+
+
+def claim_columns(
+    batch: Batch, ids: Sequence[int]
+) -> tuple[list[str | None], list[str | None], list[int | None]]:
+    """The claim's msisdn_e164, encodings and parts lined up with `ids` (write_results)."""
+    if not batch.msisdn_e164:
+        return [None] * len(ids), [None] * len(ids), [None] * len(ids)
+    if tuple(ids) == batch.recipient_ids:
+        return list(batch.msisdn_e164), list(batch.encodings), list(batch.parts)
+    index = {rid: i for i, rid in enumerate(batch.recipient_ids)}
+    return (
+        [batch.msisdn_e164[index[rid]] for rid in ids],
+        [batch.encodings[index[rid]] for rid in ids],
+        [batch.parts[index[rid]] for rid in ids],
+    )
 
 
 def _ms_since(started: float) -> int:

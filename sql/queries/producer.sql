@@ -71,7 +71,7 @@ UPDATE campaign.recipients r
    SET status = 'sending', batch_id = batch.id, updated_at = now()
   FROM picked, batch
  WHERE r.id = picked.id
-RETURNING r.id, r.batch_id, r.msisdn, r.variables, r.correlation_id, r.attempts;
+RETURNING r.id, r.batch_id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts;
 
 -- name: suppressed_numbers
 -- Which of these E.164 numbers (with '+') are opted out.
@@ -79,37 +79,35 @@ RETURNING r.id, r.batch_id, r.msisdn, r.variables, r.correlation_id, r.attempts;
 SELECT msisdn FROM campaign.suppressions WHERE msisdn = ANY($1::text[]);
 
 -- name: prepare_recipients
--- Record what rendering found for every claimed row in one statement: the normalised
--- number, encoding and parts; rows that must not be sent also get their final status
--- (invalid / suppressed) and reason and leave the batch. The batch keeps the count still
--- to send and is closed at once when that is zero (nothing will be posted).
--- $1 batch id; arrays of equal length: $2 ids, $3 statuses ('sending' to keep sending),
--- $4 msisdn_e164, $5 encodings, $6 parts, $7 error codes, $8 error messages
-WITH found AS (
-    SELECT *
-      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::smallint[],
-                  $7::text[], $8::text[])
-           AS u(id, status, msisdn_e164, encoding, parts, error_code, error_message)
-), updated AS (
+-- Give the claimed rows that must not be sent (invalid / suppressed) their final status
+-- and reason in one statement; they leave the batch. Rows still to send are not touched
+-- here: their number, encoding and parts are written with their results (write_results),
+-- so a sent row is written twice, not three times. The batch keeps the count still to
+-- send and is closed at once when that is zero (nothing will be posted). Only called
+-- when there is at least one such row.
+-- $1 batch id; arrays of equal length: $2 ids, $3 final statuses, $4 msisdn_e164 (NULL
+-- when the number is invalid), $5 error codes, $6 error messages
+WITH updated AS (
     UPDATE campaign.recipients r
        SET status = u.status,
            msisdn_e164 = u.msisdn_e164,
-           encoding = u.encoding,
-           parts = u.parts,
-           error_code = CASE WHEN u.status = 'sending' THEN r.error_code ELSE u.error_code END,
-           error_message = CASE WHEN u.status = 'sending' THEN r.error_message
-                                ELSE u.error_message END,
+           error_code = u.error_code,
+           error_message = u.error_message,
            updated_at = now()
-      FROM found u
+      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+           AS u(id, status, msisdn_e164, error_code, error_message)
      WHERE r.id = u.id AND r.batch_id = $1 AND r.status = 'sending'
-    RETURNING r.status
+    RETURNING r.id
+), left_to_send AS (
+    SELECT b.destinations - (SELECT count(*) FROM updated) AS n
+      FROM campaign.batches b
+     WHERE b.id = $1
 )
 UPDATE campaign.batches b
-   SET destinations = (SELECT count(*) FROM updated WHERE status = 'sending'),
-       status = CASE WHEN (SELECT count(*) FROM updated WHERE status = 'sending') = 0
-                     THEN 'done' ELSE b.status END,
-       finished_at = CASE WHEN (SELECT count(*) FROM updated WHERE status = 'sending') = 0
-                          THEN now() ELSE b.finished_at END
+   SET destinations = l.n,
+       status = CASE WHEN l.n = 0 THEN 'done' ELSE b.status END,
+       finished_at = CASE WHEN l.n = 0 THEN now() ELSE b.finished_at END
+  FROM left_to_send l
  WHERE b.id = $1
 RETURNING b.destinations;
 

@@ -20,15 +20,22 @@ RETURNING id;
 -- $1 batch id; arrays of equal length: $2 ids, $3 statuses, $4 transids, $5 error codes,
 -- $6 error messages, $7 seconds until the next attempt (NULL: none), $8 attempts to add;
 -- then the batch: $9 status, $10 destinations posted, $11 accepted, $12 rejected,
--- $13 http status, $14 error code, $15 error message, $16 duration ms
+-- $13 http status, $14 error code, $15 error message, $16 duration ms; and per recipient
+-- what the producer found at claim time (arrays like $2): $17 msisdn_e164, $18 encodings,
+-- $19 parts, written here rather than in a separate statement at claim (NULL keeps the
+-- stored value).
 WITH outcome AS (
     SELECT *
       FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
-                  $7::float8[], $8::int[])
-           AS u(id, status, transid, error_code, error_message, retry_in_s, attempts_added)
+                  $7::float8[], $8::int[], $17::text[], $18::text[], $19::smallint[])
+           AS u(id, status, transid, error_code, error_message, retry_in_s, attempts_added,
+                msisdn_e164, encoding, parts)
 ), updated AS (
     UPDATE campaign.recipients r
        SET status = u.status,
+           msisdn_e164 = coalesce(u.msisdn_e164, r.msisdn_e164),
+           encoding = coalesce(u.encoding, r.encoding),
+           parts = coalesce(u.parts, r.parts),
            transid = u.transid,
            error_code = u.error_code,
            error_message = u.error_message,

@@ -194,21 +194,20 @@ async def test_suppressed_numbers(conn, q) -> None:
     assert [r["msisdn"] for r in rows] == ["+919800000001"]
 
 
-async def test_prepare_recipients_records_checks_and_final_statuses(conn, q) -> None:
+async def test_prepare_recipients_records_final_statuses(conn, q) -> None:
     cid = await create_campaign(conn)
     ids = await add_recipients(conn, cid, numbers(3))
     rows = await claim(conn, q, cid)
     batch_id = rows[0]["batch_id"]
+    # Only the rows that must not be sent are passed; the first one stays in the batch.
     left = await conn.fetchval(
         q["prepare_recipients"],
         batch_id,
-        ids,
-        ["sending", "invalid", "suppressed"],
-        ["+919800000000", None, "+919800000002"],
-        ["gsm7", None, None],
-        [1, None, None],
-        [None, "invalid_msisdn", "suppressed"],
-        [None, "bad", "number opted out"],
+        ids[1:],
+        ["invalid", "suppressed"],
+        [None, "+919800000002"],
+        ["invalid_msisdn", "suppressed"],
+        ["bad", "number opted out"],
     )
     assert left == 1
     got = await conn.fetch(
@@ -217,7 +216,7 @@ async def test_prepare_recipients_records_checks_and_final_statuses(conn, q) -> 
         cid,
     )
     assert [tuple(r) for r in got] == [
-        ("sending", "+919800000000", "gsm7", 1, None, None),
+        ("sending", None, None, None, None, None),
         ("invalid", None, None, None, "invalid_msisdn", "bad"),
         ("suppressed", "+919800000002", None, None, "suppressed", "number opted out"),
     ]
@@ -235,8 +234,6 @@ async def test_prepare_recipients_closes_a_batch_with_nothing_to_send(conn, q) -
         batch_id,
         ids,
         ["invalid", "invalid"],
-        [None, None],
-        [None, None],
         [None, None],
         ["x", "x"],
         ["y", "y"],
@@ -313,12 +310,15 @@ async def test_write_results_stores_every_outcome_and_closes_the_batch(conn, q) 
         None,
         None,
         123,
+        ["+919800000000", "+919800000001", "+919800000002", None],
+        ["gsm7", "ucs2", "gsm7", None],
+        [1, 2, 1, None],
     )
     assert updated == 4
     rows = await conn.fetch(
         "SELECT status, transid, error_code, attempts, sent_at IS NOT NULL AS sent, "
-        "next_attempt_at - now() AS wait FROM campaign.recipients WHERE campaign_id = $1 "
-        "ORDER BY id",
+        "next_attempt_at - now() AS wait, msisdn_e164, encoding, parts "
+        "FROM campaign.recipients WHERE campaign_id = $1 ORDER BY id",
         cid,
     )
     assert [
@@ -328,6 +328,13 @@ async def test_write_results_stores_every_outcome_and_closes_the_batch(conn, q) 
         ("rejected", None, "7004", 1, False),
         ("pending", None, "7020", 1, False),
         ("unknown", None, "timeout", 1, False),
+    ]
+    # The claim's checks are stored with the results; NULL leaves the column as it was.
+    assert [(r["msisdn_e164"], r["encoding"], r["parts"]) for r in rows] == [
+        ("+919800000000", "gsm7", 1),
+        ("+919800000001", "ucs2", 2),
+        ("+919800000002", "gsm7", 1),
+        (None, None, None),
     ]
     assert 25 < rows[2]["wait"].total_seconds() <= 30
     assert rows[0]["wait"] is None
@@ -366,6 +373,9 @@ async def test_write_results_leaves_rows_no_longer_in_the_batch(conn, q) -> None
         None,
         None,
         5,
+        [None, None],
+        [None, None],
+        [None, None],
     )
     assert updated == 1
     assert await statuses(conn, cid) == {"delivered": 1, "queued": 1}

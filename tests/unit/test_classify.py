@@ -95,6 +95,20 @@ def test_success_list_keeps_every_destination_result() -> None:
     ]
 
 
+def test_an_answer_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    parse = errors.parse_response
+
+    def counting(body: bytes) -> object:
+        calls.append(body)
+        return parse(body)
+
+    monkeypatch.setattr(errors, "parse_response", counting)
+    assert classify(200, results("1001", "7004"), body_sent=True).kind == "ok"
+    assert classify(401, api_error("7001"), body_sent=True).kind == "stop_service"
+    assert len(calls) == 2
+
+
 def test_single_success_object_is_ok() -> None:
     body = orjson.dumps(
         {"response": {"code": "1001", "description": "Queued in burst mode", "transid": "t"}}

@@ -1,13 +1,14 @@
 """What each recipient becomes after a classified answer (sender.plan_results)."""
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from campaign import errors
-from campaign.producer import Batch
-from campaign.sender import Backoff, plan_results
+from campaign import errors, sms
+from campaign.producer import Batch, Claimed, normalise_all
+from campaign.sender import Backoff, claim_columns, plan_results
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -121,3 +122,30 @@ def test_backoff_is_capped_full_jitter() -> None:
         delays = [backoff.delay_s(attempt, rng) for _ in range(200)]
         assert all(0.0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8  # jitter spreads over the whole range
+
+
+def test_claim_columns_follow_the_plan_order() -> None:
+    b = replace(
+        batch(3),
+        msisdn_e164=("+1", "+2", "+3"),
+        encodings=("gsm7", "ucs2", None),
+        parts=(1, 2, None),
+    )
+    assert claim_columns(b, [100, 101, 102]) == (
+        ["+1", "+2", "+3"],
+        ["gsm7", "ucs2", None],
+        [1, 2, None],
+    )
+    assert claim_columns(b, [102, 100]) == (["+3", "+1"], [None, "gsm7"], [None, 1])
+    # A batch without the claim's columns writes NULLs, which keep the stored values.
+    assert claim_columns(batch(2), [100, 101]) == ([None, None], [None, None], [None, None])
+
+
+def test_a_number_normalised_by_an_earlier_attempt_is_not_parsed_again() -> None:
+    rows = [
+        Claimed(1, "not a number", {}, "c1", 1, msisdn_e164="+919800000001"),
+        Claimed(2, "not a number", {}, "c2", 0),
+    ]
+    first, second = normalise_all(rows, default_region="")
+    assert first == "+919800000001"
+    assert isinstance(second, sms.InvalidRecipient)
