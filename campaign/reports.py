@@ -9,14 +9,16 @@ JSON arrives. Field names are matched case-insensitively (`Description` / `descr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 
 from campaign import sms
+
+_Item = TypeVar("_Item")
 
 # The code -> recipient status table, the only place it exists. The reconciler passes it
 # to its SQL as parameters. `queued` marks an interim report: the message is on its way,
@@ -95,28 +97,24 @@ def is_final(code: str) -> bool:
 
 def parse_delivery_reports(body: bytes) -> list[DeliveryReport]:
     """One DR notification or a JSON array of them; all of them or ParseError."""
-    items = _items(body)
-    reports = []
-    for index, item in enumerate(items):
-        try:
-            reports.append(_delivery_report(item))
-        except ParseError as exc:
-            where = f"item {index}: " if len(items) > 1 else ""
-            raise ParseError(f"{where}{exc.reason}") from None
-    return reports
+    return _parse_all(body, _delivery_report)
 
 
 def parse_incoming_messages(body: bytes) -> list[IncomingMessage]:
     """One MO or a JSON array of them; all of them or ParseError."""
+    return _parse_all(body, _incoming_message)
+
+
+def _parse_all(body: bytes, parse_one: Callable[[Any], _Item]) -> list[_Item]:
     items = _items(body)
-    messages = []
+    parsed = []
     for index, item in enumerate(items):
         try:
-            messages.append(_incoming_message(item))
+            parsed.append(parse_one(item))
         except ParseError as exc:
             where = f"item {index}: " if len(items) > 1 else ""
             raise ParseError(f"{where}{exc.reason}") from None
-    return messages
+    return parsed
 
 
 def optout_action(
