@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(see docs/webhooks.md)",
     )
     p.add_argument("--listen", metavar="HOST:PORT", help="override [webhooks] listen")
-    p.set_defaults(handler=_lazy("webhooks", "cmd_webhooks"))
+    p.set_defaults(handler=_lazy("worker", "cmd_webhooks"))
 
     p = sub.add_parser(
         "simulate",

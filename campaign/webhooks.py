@@ -14,15 +14,12 @@ or signature refused · 404 unknown path or wrong token · 413 body over max_bod
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import ipaddress
-import signal
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -31,7 +28,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from campaign import config, db, metrics, reports
+from campaign import db, metrics, reports
 from campaign.config import OptOutSettings, WebhookSettings
 from campaign.reports import DeliveryReport, IncomingMessage, ParseError
 
@@ -290,6 +287,7 @@ class WebhookServer:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish and their reports commit."""
         if self._runner is not None:
+            log.info("webhooks_stopping")
             await self._runner.cleanup()
             self._runner = None
             log.info("webhooks_stopped")
@@ -500,45 +498,3 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdecimal() or not host:
         raise ValueError(f"listen address {listen!r} is not host:port")
     return host.strip("[]"), int(port)
-
-
-async def cmd_webhooks(args: argparse.Namespace, settings: config.Settings) -> int:
-    """`campaign webhooks`: the receiver and the reconciler until SIGINT / SIGTERM."""
-    from campaign.cli import database
-    from campaign.reconciler import Reconciler
-
-    webhook_settings = settings.webhooks
-    if args.listen:
-        webhook_settings = dataclasses.replace(webhook_settings, listen=args.listen)
-    queries = db.load_queries()
-    async with database(settings) as dsn:
-        pool = await db.create_pool(
-            dsn,
-            min_size=settings.database.pool_min,
-            max_size=settings.database.pool_max,
-            timeout_s=settings.database.connect_timeout_s,
-        )
-        try:
-            async with pool.acquire() as conn:
-                await db.check_schema(cast(db.Connection, conn))
-            server = WebhookServer(
-                pool=pool, settings=webhook_settings, optout=settings.optout, queries=queries
-            )
-            reconciler = Reconciler(pool=pool, settings=settings.reconciler, queries=queries)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
-            await server.start()
-            try:
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(reconciler.run(stop), name="reconciler")
-                    await stop.wait()
-            finally:
-                log.info("webhooks_stopping")
-                await server.stop()
-                for signum in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(signum)
-        finally:
-            await pool.close()
-    return 0

@@ -300,8 +300,6 @@ class Worker:
 
 async def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     """`campaign worker [--drain] [--worker-id ID] [--no-sender|--no-webhooks|--no-reconciler]`."""
-    from campaign.cli import database
-
     if args.worker_id:
         settings = dataclasses.replace(
             settings, worker=dataclasses.replace(settings.worker, worker_id=args.worker_id)
@@ -309,8 +307,24 @@ async def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int
     roles = Roles(
         sender=not args.no_sender, webhooks=not args.no_webhooks, reconciler=not args.no_reconciler
     )
+    return await _serve(settings, roles=roles, drain=args.drain)
+
+
+async def cmd_webhooks(args: argparse.Namespace, settings: config.Settings) -> int:
+    """`campaign webhooks [--listen HOST:PORT]`: the receiver and the reconciler only."""
+    if args.listen:
+        settings = dataclasses.replace(
+            settings, webhooks=dataclasses.replace(settings.webhooks, listen=args.listen)
+        )
+    return await _serve(settings, roles=Roles(sender=False), drain=False)
+
+
+async def _serve(settings: config.Settings, *, roles: Roles, drain: bool) -> int:
+    """Run a worker until it stops; SIGTERM / SIGINT stop it, a second one exits at once."""
+    from campaign.cli import database
+
     async with database(settings) as dsn:
-        worker = Worker(settings=settings, dsn=dsn, drain=args.drain, roles=roles)
+        worker = Worker(settings=settings, dsn=dsn, drain=drain, roles=roles)
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: int) -> None:
