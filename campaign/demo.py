@@ -21,7 +21,9 @@ from typing import Any
 import structlog
 
 from campaign import config, db
+from campaign.reconciler import FINAL_STATUSES
 from campaign.simulator import SimulatorConfig, start_simulator
+from campaign.status import UNSENT
 from campaign.worker import Worker
 
 log = structlog.get_logger("campaign.demo")
@@ -33,7 +35,6 @@ BODY = "Hi $(name), your November code is $(code). Details: {{link_1}} Reply STO
 STOP_NUMBER_INDEX = 7
 # Numbers a real list would hold too: each ends `invalid` with its reason.
 BAD_NUMBERS = ("12345", "not a number", "+999123456789", "")
-FINAL = ("delivered", "failed", "rejected", "invalid", "suppressed", "expired", "cancelled")
 # A realistic mix of final report codes (see the API facts): mostly delivered.
 OUTCOMES = {"7500": 0.93, "7203": 0.02, "7102": 0.01, "7206": 0.01, "7208": 0.01, "7201": 0.02}
 TIMEOUT_S = 600.0
@@ -233,8 +234,8 @@ async def _follow(
     completed = False
     while time.monotonic() < deadline and not running.done():
         counts = await _counts(conn, campaign_id)
-        unsent = sum(counts.get(s, 0) for s in ("pending", "sending", "unknown"))
-        final = sum(counts.get(s, 0) for s in FINAL)
+        unsent = sum(counts.get(s, 0) for s in UNSENT)
+        final = sum(counts.get(s, 0) for s in FINAL_STATUSES)
         if sent_s is None:
             if unsent == 0:
                 sent_s = sending.finish(total)
