@@ -58,7 +58,9 @@ matched AS (
 locked AS (
     SELECT x.id, x.status
       FROM campaign.recipients x
-     WHERE x.id IN (SELECT m.recipient_id FROM matched m)
+     -- = ANY(ARRAY(...)) rather than IN: primary-key probes, not a hash join over a scan
+     -- of every recipient (what the planner picks for IN on a table of any size).
+     WHERE x.id = ANY(ARRAY(SELECT m.recipient_id FROM matched m))
      ORDER BY x.id
        FOR UPDATE
 ),
