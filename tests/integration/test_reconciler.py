@@ -355,3 +355,35 @@ async def test_two_reconcilers_at_once_apply_each_report_once(
         )
         == 0
     )
+
+
+async def test_statements_are_planned_for_the_tables_as_they_are_now(dsn: str) -> None:
+    """No generic plan: one made while the tables were small outlives their growth.
+
+    PostgreSQL switches a prepared statement to a generic plan after five executions when
+    that looks no dearer; asyncpg prepares every statement. A generic match plan made on a
+    near-empty database took minutes per pass on 300,000 recipients until autovacuum
+    happened to analyze the table (the reconciler "stall" of the fault runs).
+    """
+    pool = await db.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        reconciler = make_reconciler(pool)
+        async with pool.acquire() as c:
+            _, (r,) = await seed_campaign(c, ["queued"])
+            await store_reports(c, [dr(r["transid"], "7500", at=minutes(1))])
+        for _ in range(8):
+            await reconciler.run_once()
+        async with pool.acquire() as c:
+            plans = await c.fetch(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE '%campaign.delivery_reports%' "
+                "AND statement NOT LIKE '%pg_prepared_statements%'"
+            )
+        assert max(p["custom_plans"] for p in plans) >= 8, plans
+        assert all(p["generic_plans"] == 0 for p in plans), plans
+    finally:
+        await pool.close()
+
+
+async def test_plain_connections_plan_every_execution_too(conn: asyncpg.Connection) -> None:
+    assert await conn.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
