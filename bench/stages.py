@@ -101,7 +101,8 @@ async def submit_pipeline(dsn: str, base_url: str, n: int) -> float:
                     tg.create_task(producer.run(stop))
                     tg.create_task(sender.run(stop))
                     try:
-                        await _wait_for(done, interval_s=0.005, timeout_s=300)
+                        # 20 ms: under 1 % of a run; polling less leaves the CPU to the pipeline.
+                        await _wait_for(done, interval_s=0.02, timeout_s=300)
                     finally:
                         elapsed = time.monotonic() - started
                         stop.set()
@@ -188,11 +189,15 @@ async def submit_raw(dsn: str, base_url: str, n: int, *, in_flight: int = 4) -> 
 async def submit(ctx: Context) -> Result:
     n = ctx.sizes.submit
     sim, base_url = await harness.start_simulator(ctx.work_dir, name="simulator-submit")
+    pipeline_runs: list[float] = []
+    raw_runs: list[float] = []
     async with harness.running(sim):
-        await harness.reset(ctx.dsn)
-        pipeline_s = await submit_pipeline(ctx.dsn, base_url, n)
-        await harness.reset(ctx.dsn)
-        raw_s = await submit_raw(ctx.dsn, base_url, n)
+        for _ in range(ctx.sizes.rounds):
+            await harness.reset(ctx.dsn)
+            pipeline_runs.append(await submit_pipeline(ctx.dsn, base_url, n))
+            await harness.reset(ctx.dsn)
+            raw_runs.append(await submit_raw(ctx.dsn, base_url, n))
+    pipeline_s, raw_s = min(pipeline_runs), min(raw_runs)
     figure, ceiling = n / pipeline_s, n / raw_s
     ctx.ceilings["submit"] = ceiling
     r = harness.ratio(figure, ceiling)
@@ -206,8 +211,8 @@ async def submit(ctx: Context) -> Result:
         met=figure >= 25_000 and r >= 0.70,
         n=n,
         duration_s=pipeline_s,
-        notes="same text for all; 1000 per request; 4 in flight",
-        details={"pipeline_s": pipeline_s, "raw_s": raw_s},
+        notes=f"same text for all; 1000 per request; 4 in flight; best of {len(raw_runs)}",
+        details={"pipeline_runs_s": pipeline_runs, "raw_runs_s": raw_runs},
     )
 
 

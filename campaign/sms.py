@@ -7,12 +7,14 @@ machine code (kept in recipients.error_code) and a sentence for people (error_me
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import phonenumbers
+from phonenumbers.phonemetadata import PhoneMetadata
 
 MAX_TEXT_CHARS = 1024
 
@@ -101,6 +103,9 @@ def normalise_msisdn(raw: str, *, default_region: str = "") -> str:
         )
     reason = ""
     for candidate, region in candidates:
+        quick = _plain_digits_e164(candidate, region)
+        if quick is not None:
+            return quick
         try:
             number = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException as exc:
@@ -111,6 +116,161 @@ def normalise_msisdn(raw: str, *, default_region: str = "") -> str:
         possible = phonenumbers.is_possible_number_with_reason(number)
         reason = reason or _POSSIBLE_REASONS.get(possible, "not a valid number for its country")
     raise InvalidRecipient("invalid_msisdn", f"{raw!r}: {reason}")
+
+
+# phonenumbers.parse and is_valid_number cost 5 to 35 us a number, most of a batch's
+# preparation; a campaign's numbers are almost always plain digits ('+' and country code,
+# or national). For those the PhoneNumber that parse would build is built directly when no
+# rule of parse could change the digits (no leading zero, no national prefix or carrier
+# code, no international prefix, a national number not starting with its own country
+# code), and checked against phonenumbers' own metadata with its patterns compiled once
+# and the common types tried first. Anything else, and any number found invalid here,
+# goes through parse and is_valid_number as before, so the answer is always theirs
+# (tests/unit/test_sms.py compares the two on every region's example numbers).
+
+
+@dataclass(frozen=True, slots=True)
+class _Desc:
+    """A PhoneNumberDesc: possible lengths (none = any) and its national number pattern."""
+
+    lengths: frozenset[int]
+    pattern: re.Pattern[str]
+
+    def matches(self, national: str) -> bool:
+        if self.lengths and len(national) not in self.lengths:
+            return False
+        return self.pattern.fullmatch(national) is not None
+
+
+def _desc(desc: Any) -> _Desc | None:
+    if desc is None or not desc.national_number_pattern:
+        return None
+    return _Desc(frozenset(desc.possible_length), re.compile(desc.national_number_pattern))
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    leading_digits: re.Pattern[str] | None
+    general: _Desc | None
+    # Every type that makes a number valid (is_valid_number: its type is not UNKNOWN),
+    # mobile and fixed line first: the order changes the cost, not the answer.
+    kinds: tuple[_Desc, ...]
+
+    @classmethod
+    def of(cls, metadata: Any) -> _Region:
+        kinds = [metadata.fixed_line]
+        if not metadata.same_mobile_and_fixed_line_pattern:
+            kinds.insert(0, metadata.mobile)
+        kinds += [
+            metadata.premium_rate,
+            metadata.toll_free,
+            metadata.shared_cost,
+            metadata.voip,
+            metadata.personal_number,
+            metadata.pager,
+            metadata.uan,
+            metadata.voicemail,
+        ]
+        leading = metadata.leading_digits
+        return cls(
+            leading_digits=re.compile(leading) if leading is not None else None,
+            general=_desc(metadata.general_desc),
+            kinds=tuple(d for d in map(_desc, kinds) if d is not None),
+        )
+
+    def valid(self, national: str) -> bool:
+        if self.general is None or not self.general.matches(national):
+            return False
+        return any(kind.matches(national) for kind in self.kinds)
+
+
+@dataclass(frozen=True, slots=True)
+class _Country:
+    code: int
+    prefix: str  # the country code as digits
+    national_prefix: re.Pattern[str] | None
+    international_prefix: re.Pattern[str] | None
+    # The regions sharing the code, as region_code_for_number tries them; one = no choice.
+    regions: tuple[_Region, ...]
+
+    def valid(self, national: str) -> bool:
+        if len(self.regions) == 1:
+            return self.regions[0].valid(national)
+        for region in self.regions:
+            if region.leading_digits is not None:
+                if region.leading_digits.match(national):
+                    return region.valid(national)
+            elif region.valid(national):
+                return True
+        return False
+
+
+@functools.cache
+def _country(code: int, region: str) -> _Country | None:
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+    if metadata is None:
+        return None
+    names = phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(code, ())
+    if len(names) > 1:
+        shared = (PhoneMetadata.metadata_for_region(name.upper(), None) for name in names)
+        regions = tuple(_Region.of(m) for m in shared if m is not None)
+    else:
+        regions = (_Region.of(metadata),)
+    national = metadata.national_prefix_for_parsing
+    international = metadata.international_prefix
+    return _Country(
+        code=code,
+        prefix=str(code),
+        national_prefix=re.compile(national) if national else None,
+        international_prefix=re.compile(international) if international else None,
+        regions=regions,
+    )
+
+
+@functools.cache
+def _country_of_region(region: str) -> _Country | None:
+    code = phonenumbers.country_code_for_valid_region(region) if region else 0
+    return _country(code, region) if code else None
+
+
+@functools.cache
+def _country_of_code(code: int) -> _Country | None:
+    if code not in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        return None
+    return _country(code, phonenumbers.region_code_for_country_code(code))
+
+
+def _plain_digits_e164(candidate: str, region: str | None) -> str | None:
+    """E.164 of a valid plain-digit number that parse would take as it is, else None."""
+    if region is None:
+        digits = candidate[1:]
+        # parse reads no country code from digits starting with 0 (int() would drop it).
+        if not (digits.isascii() and digits.isdigit()) or digits[0] == "0":
+            return None
+        country = None
+        for length in (1, 2, 3):
+            country = _country_of_code(int(digits[:length]))
+            if country is not None:
+                break
+        if country is None:
+            return None
+        national = digits[len(country.prefix) :]
+    else:
+        if not (candidate.isascii() and candidate.isdigit()):
+            return None
+        country = _country_of_region(region)
+        if country is None or candidate.startswith(country.prefix):
+            return None
+        if country.international_prefix and country.international_prefix.match(candidate):
+            return None
+        national = candidate
+    if not 2 <= len(national) <= 17 or national[0] == "0":
+        return None
+    if country.national_prefix and country.national_prefix.match(national):
+        return None
+    if not country.valid(national):
+        return None
+    return "+" + country.prefix + national
 
 
 def api_msisdn(e164: str, *, plus_prefix: bool) -> str:
@@ -153,8 +313,11 @@ def link_ids(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_LINK.findall(text)))
 
 
+_GSM7 = GSM7_BASIC | GSM7_EXTENDED
+
+
 def is_gsm7(text: str) -> bool:
-    return all(ch in GSM7_BASIC or ch in GSM7_EXTENDED for ch in text)
+    return _GSM7.issuperset(text)
 
 
 def _units(text: str, encoding: Encoding) -> list[int]:
@@ -180,15 +343,30 @@ def _count_parts(units: Sequence[int], single: int, per_part: int) -> int:
 def segments(text: str) -> Segments:
     """Encoding and number of SMS parts of a text."""
     if is_gsm7(text):
-        units = _units(text, "gsm7")
-        return Segments("gsm7", sum(units), _count_parts(units, GSM7_SINGLE_UNITS, GSM7_PART_UNITS))
-    units = _units(text, "ucs2")
-    return Segments("ucs2", sum(units), _count_parts(units, UCS2_SINGLE_UNITS, UCS2_PART_UNITS))
+        encoding: Encoding = "gsm7"
+        single, per_part = GSM7_SINGLE_UNITS, GSM7_PART_UNITS
+        simple = GSM7_EXTENDED.isdisjoint(text)
+    else:
+        encoding = "ucs2"
+        single, per_part = UCS2_SINGLE_UNITS, UCS2_PART_UNITS
+        simple = max(text) <= "\uffff"
+    if simple:
+        # Every character is one unit: no pair to keep together, parts are a division.
+        units = len(text)
+        return Segments(encoding, units, 1 if units <= single else -(-units // per_part))
+    sizes = _units(text, encoding)
+    return Segments(encoding, sum(sizes), _count_parts(sizes, single, per_part))
 
 
 def render(body: str, variables: Mapping[str, Any]) -> Rendered:
     """The text one recipient receives, checked for length, with its encoding and parts."""
-    text = substitute(body, variables)
+    return _checked(substitute(body, variables) if "$(" in body else body)
+
+
+# Texts repeat (a body without variables is the same for every recipient): each distinct
+# text is measured once. Rendered is immutable, so sharing it is safe.
+@functools.lru_cache(maxsize=4096)
+def _checked(text: str) -> Rendered:
     if not text.strip():
         raise InvalidRecipient("empty_text", "the text is empty after substitution")
     if len(text) > MAX_TEXT_CHARS:
