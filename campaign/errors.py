@@ -72,6 +72,18 @@ def _text(value: Any) -> str | None:
 
 
 def _result(item: Any) -> DestinationResult:
+    if type(item) is dict:
+        # The usual item, all four members text: no further checks (1000 per answer).
+        code, description = item.get("code"), item.get("description")
+        transid, correlation_id = item.get("transid"), item.get("correlationid")
+        if (
+            type(code) is str
+            and code
+            and type(description) is str
+            and type(transid) is str
+            and type(correlation_id) is str
+        ):
+            return DestinationResult(code, description, transid or None, correlation_id or None)
     if not isinstance(item, dict):
         raise ResponseError("a response item is not an object")
     code = _text(item.get("code"))

@@ -45,9 +45,6 @@ SWEEP_CHUNK = 10_000
 # Errors worth waiting out (the database restarting, a dropped connection); anything
 # else is a bug and stops the worker.
 DB_ERRORS = db.UNAVAILABLE_ERRORS
-# Claims at once (fill): two keep the database and this process busy together; more
-# only queue behind each other on two cores.
-CLAIMERS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +75,15 @@ class Batch:
         return max(self.attempts, default=0) + 1
 
 
+@dataclass(slots=True)
+class _Claim:
+    """A batch's rows as claim_batch returned them: claimed, not yet checked."""
+
+    campaign: Campaign
+    lane: Lane
+    records: list[db.Record]
+
+
 class Lane:
     """One service's state shared by the producer and that service's senders."""
 
@@ -92,7 +98,7 @@ class Lane:
         # Batches claimed by this worker and not yet posted (queued, or waiting for the
         # limiter): their leases are renewed while they wait.
         self.held: set[int] = set()
-        # Claims under way for this lane: each will need a place in the queue.
+        # Claims under way whose batch will need a place in the queue (Producer.fill).
         self.claiming = 0
 
     def has_room(self) -> bool:
@@ -272,8 +278,6 @@ class Producer:
         self._last_renewal = -float("inf")
         # Campaigns already reported as on an unknown service: one error line each.
         self._reported_unknown: set[int] = set()
-        # Done when the latest claim has handed its batch over (claim).
-        self._handoff: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
         """Look for work now (a notification arrived, or a queue has room again)."""
@@ -301,80 +305,75 @@ class Producer:
     async def fill(self, stop: asyncio.Event | None = None) -> int:
         """Claim batches while a lane has room and work is due; returns batches claimed.
 
-        CLAIMERS claims run at once, so the database works on one while this process
-        checks the numbers and renders the texts of another; batches still reach the
-        queues in the order their claims started (see claim).
+        The claim statement of the next batch runs in the database while this process
+        checks the numbers and renders the texts of the one before. Only one claim
+        statement runs at a time: two at once on one campaign would split its rows
+        between them (SKIP LOCKED), sending small campaigns in several requests.
         """
         self._wake.clear()
         # Campaigns found empty in this pass: a concurrent claimer took their last rows.
         skip: list[int] = []
-        results = await asyncio.gather(
-            *(self._fill(stop, skip) for _ in range(CLAIMERS)), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return sum(r for r in results if isinstance(r, int))
-
-    async def _fill(self, stop: asyncio.Event | None, skip: list[int]) -> int:
         claimed = 0
+        ahead: asyncio.Task[_Claim | None] | None = asyncio.create_task(
+            self._claim_next(stop, skip)
+        )
+        try:
+            while ahead is not None:
+                current = await ahead
+                ahead = None
+                if current is None:
+                    break
+                ahead = asyncio.create_task(self._claim_next(stop, skip))
+                try:
+                    await self._check_and_queue(current)
+                finally:
+                    current.lane.claiming -= 1
+                claimed += 1
+        finally:
+            if ahead is not None:
+                # This pass failed or was cancelled: rows the next claim took are left
+                # to their lease (recovery returns them to pending), as after a crash.
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    leftover = await ahead
+                    if leftover is not None:
+                        leftover.lane.claiming -= 1
+        return claimed
+
+    async def _claim_next(self, stop: asyncio.Event | None, skip: list[int]) -> _Claim | None:
+        """The next due batch's rows, claimed, with a place kept for it in its lane's queue."""
         while stop is None or not stop.is_set():
             services = [name for name, lane in self._lanes.items() if lane.has_room()]
             if not services:
-                break
+                return None
             row = await self._pool.fetchrow(self._queries["next_campaign"], services, skip)
             if row is None:
-                break
+                return None
             lane = self._lanes[row["service"]]
-            if not lane.has_room():
-                continue  # the other claimer took the last place meanwhile
             campaign = Campaign.from_record(row, default_sender_id=lane.settings.sender_id)
-            batch_id = await self.claim(campaign, lane)
-            if batch_id is None:
-                skip.append(campaign.id)
-                continue
-            claimed += 1
-        return claimed
-
-    async def claim(self, campaign: Campaign, lane: Lane) -> int | None:
-        """Claim, check and queue one batch of `campaign`; None when nothing was due.
-
-        Claims may overlap (fill); each hands its batch to the queue only after every
-        claim started before it has, so priority order survives the overlap.
-        """
-        turn = self._handoff
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._handoff = mine
-        lane.claiming += 1
-        try:
-            claimed = await self._claim(campaign, lane)
-            if turn is not None:
-                await asyncio.shield(turn)
-            if claimed is None:
-                return None
-            batch_id, batch = claimed
-            if batch is not None:
-                lane.held.add(batch_id)
-                lane.queue.put_nowait(batch)
-            return batch_id
-        finally:
+            lane.claiming += 1
+            try:
+                records = await self._pool.fetch(
+                    self._queries["claim_batch"],
+                    campaign.id,
+                    lane.limiter.max_batch,
+                    lane.name,
+                    self._worker_id,
+                    self._settings.lease_s,
+                )
+            except BaseException:
+                lane.claiming -= 1
+                raise
+            if records:
+                return _Claim(campaign, lane, records)
             lane.claiming -= 1
-            if not mine.done():
-                mine.set_result(None)
+            skip.append(campaign.id)
+        return None
 
-    async def _claim(self, campaign: Campaign, lane: Lane) -> tuple[int, Batch | None] | None:
-        """(batch id, the batch to send or None when every row was final), or None."""
+    async def _check_and_queue(self, claim: _Claim) -> int:
+        """Check and render a claimed batch; queue what is to be sent, store the rest."""
+        campaign, lane, records = claim.campaign, claim.lane, claim.records
         async with self._pool.acquire() as conn:
-            records = await conn.fetch(
-                self._queries["claim_batch"],
-                campaign.id,
-                lane.limiter.max_batch,
-                lane.name,
-                self._worker_id,
-                self._settings.lease_s,
-            )
-            if not records:
-                return None
             batch_id: int = records[0]["batch_id"]
             rows = [
                 Claimed(
@@ -422,7 +421,10 @@ class Producer:
             invalid=sum(p.status == "invalid" for p in prepared),
             suppressed=sum(p.status == "suppressed" for p in prepared),
         )
-        return batch_id, (self._batch(batch_id, campaign, ready) if ready else None)
+        if ready:
+            lane.held.add(batch_id)
+            lane.queue.put_nowait(self._batch(batch_id, campaign, ready))
+        return batch_id
 
     def _batch(self, batch_id: int, campaign: Campaign, ready: Sequence[Prepared]) -> Batch:
         settings = payload.MessageSettings(

@@ -75,7 +75,7 @@ class Backoff:
 
 @dataclass(slots=True)
 class Plan:
-    """Every recipient's new state, as the arrays write_results takes, and the batch's."""
+    """Every recipient's new state, as the columns write_results takes, and the batch's."""
 
     batch_status: str
     ids: list[int] = field(default_factory=list)
@@ -429,15 +429,22 @@ class Sender:
         blog: Any,
     ) -> None:
         """Store the plan and close the batch, retrying a failing database a few times."""
+        msisdn_e164, encodings, parts = claim_columns(batch, plan.ids)
+        recipients = {
+            "id": plan.ids,
+            "status": plan.statuses,
+            "transid": plan.transids,
+            "error_code": plan.error_codes,
+            "error_message": plan.error_messages,
+            "retry_in_s": plan.retry_in_s,
+            "attempts_added": plan.attempts_added,
+            "msisdn_e164": msisdn_e164,
+            "encoding": encodings,
+            "parts": parts,
+        }
         args = (
             batch.id,
-            plan.ids,
-            plan.statuses,
-            plan.transids,
-            plan.error_codes,
-            plan.error_messages,
-            plan.retry_in_s,
-            plan.attempts_added,
+            recipients,
             plan.batch_status,
             batch.destinations,
             plan.count("queued"),
@@ -446,7 +453,6 @@ class Sender:
             None if outcome.kind == "ok" else outcome.code,
             None if outcome.kind == "ok" else outcome.description,
             duration_ms,
-            *claim_columns(batch, plan.ids),
         )
         for attempt in range(WRITE_ATTEMPTS):
             try:

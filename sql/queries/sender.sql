@@ -13,21 +13,32 @@ UPDATE campaign.batches
 RETURNING id;
 
 -- name: write_results
--- Every recipient's outcome from arrays (matched by correlation id in the caller), and the
--- batch closed, in one statement, so the lease ends exactly when the results are stored.
+-- Every recipient's outcome (matched by correlation id in the caller), and the batch
+-- closed, in one statement, so the lease ends exactly when the results are stored.
 -- Rows are touched only while still in this batch and in flight ('sending', or 'unknown'
 -- if recovery got there first); a recipient a report already resolved keeps its status.
--- $1 batch id; arrays of equal length: $2 ids, $3 statuses, $4 transids, $5 error codes,
--- $6 error messages, $7 seconds until the next attempt (NULL: none), $8 attempts to add;
--- then the batch: $9 status, $10 destinations posted, $11 accepted, $12 rejected,
--- $13 http status, $14 error code, $15 error message, $16 duration ms; and per recipient
--- what the producer found at claim time (arrays like $2): $17 msisdn_e164, $18 encodings,
--- $19 parts, written here rather than in a separate statement at claim (NULL keeps the
--- stored value).
+-- $1 batch id; $2 one jsonb object of per-recipient arrays of equal length: id, status,
+-- transid, error_code, error_message, retry_in_s (seconds until the next attempt, null:
+-- none), attempts_added, and what the producer found at claim time: msisdn_e164,
+-- encoding, parts (null keeps the stored value). One jsonb document costs the client a
+-- tenth of ten bound arrays (asyncpg encodes those element by element) and the server
+-- less too. Then the batch: $3 status, $4 destinations posted, $5 accepted, $6 rejected,
+-- $7 http status, $8 error code, $9 error message, $10 duration ms.
 WITH outcome AS (
-    SELECT *
-      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
-                  $7::float8[], $8::int[], $17::text[], $18::text[], $19::smallint[])
+    SELECT u.id::bigint AS id, u.status, u.transid, u.error_code, u.error_message,
+           u.retry_in_s::float8 AS retry_in_s, u.attempts_added::int AS attempts_added,
+           u.msisdn_e164, u.encoding, u.parts::smallint AS parts
+      FROM ROWS FROM (
+               jsonb_array_elements_text($2::jsonb -> 'id'),
+               jsonb_array_elements_text($2::jsonb -> 'status'),
+               jsonb_array_elements_text($2::jsonb -> 'transid'),
+               jsonb_array_elements_text($2::jsonb -> 'error_code'),
+               jsonb_array_elements_text($2::jsonb -> 'error_message'),
+               jsonb_array_elements_text($2::jsonb -> 'retry_in_s'),
+               jsonb_array_elements_text($2::jsonb -> 'attempts_added'),
+               jsonb_array_elements_text($2::jsonb -> 'msisdn_e164'),
+               jsonb_array_elements_text($2::jsonb -> 'encoding'),
+               jsonb_array_elements_text($2::jsonb -> 'parts'))
            AS u(id, status, transid, error_code, error_message, retry_in_s, attempts_added,
                 msisdn_e164, encoding, parts)
 ), updated AS (
@@ -48,8 +59,8 @@ WITH outcome AS (
     RETURNING r.id
 )
 UPDATE campaign.batches
-   SET status = $9, destinations = $10, accepted = $11, rejected = $12, http_status = $13,
-       error_code = $14, error_message = $15, duration_ms = $16, finished_at = now()
+   SET status = $3, destinations = $4, accepted = $5, rejected = $6, http_status = $7,
+       error_code = $8, error_message = $9, duration_ms = $10, finished_at = now()
  WHERE id = $1
 RETURNING (SELECT count(*) FROM updated) AS recipients;
 

@@ -295,13 +295,18 @@ async def test_write_results_stores_every_outcome_and_closes_the_batch(conn, q) 
     updated = await conn.fetchval(
         q["write_results"],
         batch_id,
-        ids,
-        ["queued", "rejected", "pending", "unknown"],
-        ["t1", None, None, None],
-        [None, "7004", "7020", "timeout"],
-        [None, "Invalid", "limit", "timed out"],
-        [None, None, 30.0, None],
-        [1, 1, 1, 1],
+        {
+            "id": ids,
+            "status": ["queued", "rejected", "pending", "unknown"],
+            "transid": ["t1", None, None, None],
+            "error_code": [None, "7004", "7020", "timeout"],
+            "error_message": [None, "Invalid", "limit", "timed out"],
+            "retry_in_s": [None, None, 30.0, None],
+            "attempts_added": [1, 1, 1, 1],
+            "msisdn_e164": ["+919800000000", "+919800000001", "+919800000002", None],
+            "encoding": ["gsm7", "ucs2", "gsm7", None],
+            "parts": [1, 2, 1, None],
+        },
         "done",
         4,
         1,
@@ -310,9 +315,6 @@ async def test_write_results_stores_every_outcome_and_closes_the_batch(conn, q) 
         None,
         None,
         123,
-        ["+919800000000", "+919800000001", "+919800000002", None],
-        ["gsm7", "ucs2", "gsm7", None],
-        [1, 2, 1, None],
     )
     assert updated == 4
     rows = await conn.fetch(
@@ -358,13 +360,18 @@ async def test_write_results_leaves_rows_no_longer_in_the_batch(conn, q) -> None
     updated = await conn.fetchval(
         q["write_results"],
         batch_id,
-        ids,
-        ["queued", "queued"],
-        ["t1", "t2"],
-        [None, None],
-        [None, None],
-        [None, None],
-        [1, 1],
+        {
+            "id": ids,
+            "status": ["queued", "queued"],
+            "transid": ["t1", "t2"],
+            "error_code": [None, None],
+            "error_message": [None, None],
+            "retry_in_s": [None, None],
+            "attempts_added": [1, 1],
+            "msisdn_e164": [None, None],
+            "encoding": [None, None],
+            "parts": [None, None],
+        },
         "done",
         2,
         2,
@@ -373,9 +380,6 @@ async def test_write_results_leaves_rows_no_longer_in_the_batch(conn, q) -> None
         None,
         None,
         5,
-        [None, None],
-        [None, None],
-        [None, None],
     )
     assert updated == 1
     assert await statuses(conn, cid) == {"delivered": 1, "queued": 1}
