@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -206,26 +207,36 @@ class GroupCommitter:
         async with asyncio.timeout(self._timeout_s):
             async with self._pool.acquire() as conn:
                 # One statement is one transaction: execute() returns after its COMMIT.
-                status = await conn.execute(self._sql, *report_arrays(items))
+                status = await conn.execute(self._sql, report_columns(items))
         return int(status.rsplit(" ", 1)[-1])
 
 
-def report_arrays(items: Sequence[DeliveryReport]) -> tuple[list[Any], ...]:
-    """The parameters of webhook_insert_reports, sorted by the dedup key."""
-    ordered = sorted(items, key=lambda r: r.dedup_key)
-    return (
-        [r.transid for r in ordered],
-        [r.correlation_id for r in ordered],
-        [r.code for r in ordered],
-        [r.delivery_status for r in ordered],
-        [r.description for r in ordered],
-        [r.destination for r in ordered],
-        [r.reported_at for r in ordered],
-        [r.callback_data for r in ordered],
-        [r.message_count for r in ordered],
-        [r.carrier for r in ordered],
-        [orjson.dumps(r.raw).decode() for r in ordered],
-    )
+@functools.lru_cache(maxsize=64)
+def _ok_body(reports: int) -> bytes:
+    return orjson.dumps({"status": "ok", "reports": reports})
+
+
+def _ok(reports: int) -> web.Response:
+    """The 200 answer; its body is the same for every request of the same size."""
+    return web.Response(body=_ok_body(reports), content_type="application/json")
+
+
+def report_columns(items: Sequence[DeliveryReport]) -> dict[str, list[Any]]:
+    """The parameter of webhook_insert_reports, sorted by the dedup key."""
+    ordered = sorted(items, key=lambda r: r.dedup_key) if len(items) > 1 else items
+    return {
+        "transid": [r.transid for r in ordered],
+        "correlation_id": [r.correlation_id for r in ordered],
+        "code": [r.code for r in ordered],
+        "delivery_status": [r.delivery_status for r in ordered],
+        "description": [r.description for r in ordered],
+        "destination": [r.destination for r in ordered],
+        "reported_at": [r.reported_at for r in ordered],
+        "callback_data": [r.callback_data for r in ordered],
+        "message_count": [r.message_count for r in ordered],
+        "carrier": [r.carrier for r in ordered],
+        "raw": [r.raw for r in ordered],
+    }
 
 
 class WebhookServer:
@@ -387,7 +398,7 @@ class WebhookServer:
         if parsed:
             await committer.submit(parsed)
         log.debug("dr_received", reports=len(parsed))
-        return web.json_response({"status": "ok", "reports": len(parsed)})
+        return _ok(len(parsed))
 
     async def _incoming_messages(self, request: web.Request, body: bytes) -> web.Response:
         self.stats.mo_requests += 1

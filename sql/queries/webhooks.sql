@@ -7,16 +7,27 @@
 -- so a platform retry or a client resending after a 503 stores nothing twice. The caller
 -- sorts by (transid, code, reported_at) so two receivers inserting overlapping groups lock
 -- index entries in the same order and cannot deadlock.
--- $1 transid[] $2 correlation_id[] $3 code[] $4 delivery_status[] $5 description[]
--- $6 destination[] $7 reported_at[] $8 callback_data[] $9 message_count[] $10 carrier[]
--- $11 raw[] (JSON text)
+-- $1 one jsonb object of arrays of equal length: transid, correlation_id, code,
+-- delivery_status, description, destination, reported_at (ISO 8601 with offset),
+-- callback_data, message_count, carrier, raw (each report's object as received). One
+-- document costs the receiver far less than eleven bound arrays.
 INSERT INTO campaign.delivery_reports
        (transid, correlation_id, code, delivery_status, description, destination,
         reported_at, callback_data, message_count, carrier, raw)
 SELECT t.transid, t.correlation_id, t.code, t.delivery_status, t.description, t.destination,
-       t.reported_at, t.callback_data, t.message_count, t.carrier, t.raw::jsonb
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-              $7::timestamptz[], $8::text[], $9::integer[], $10::text[], $11::text[])
+       t.reported_at::timestamptz, t.callback_data, t.message_count::integer, t.carrier, t.raw
+  FROM ROWS FROM (
+           jsonb_array_elements_text($1::jsonb -> 'transid'),
+           jsonb_array_elements_text($1::jsonb -> 'correlation_id'),
+           jsonb_array_elements_text($1::jsonb -> 'code'),
+           jsonb_array_elements_text($1::jsonb -> 'delivery_status'),
+           jsonb_array_elements_text($1::jsonb -> 'description'),
+           jsonb_array_elements_text($1::jsonb -> 'destination'),
+           jsonb_array_elements_text($1::jsonb -> 'reported_at'),
+           jsonb_array_elements_text($1::jsonb -> 'callback_data'),
+           jsonb_array_elements_text($1::jsonb -> 'message_count'),
+           jsonb_array_elements_text($1::jsonb -> 'carrier'),
+           jsonb_array_elements($1::jsonb -> 'raw'))
        AS t(transid, correlation_id, code, delivery_status, description, destination,
             reported_at, callback_data, message_count, carrier, raw)
     ON CONFLICT (transid, code, reported_at) DO NOTHING;

@@ -12,7 +12,7 @@ import orjson
 
 from campaign import db, reports
 from campaign.config import OptOutSettings, WebhookSettings
-from campaign.webhooks import WebhookServer, report_arrays
+from campaign.webhooks import WebhookServer, report_columns
 
 TOKEN = "tok-3f9c2a7e51d84b06"
 BASE_TIME = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
@@ -79,7 +79,7 @@ async def store_reports(conn: asyncpg.Connection, items: Sequence[dict[str, Any]
     """Store DR bodies through the receiver's own parser and INSERT; returns rows inserted."""
     parsed = [r for item in items for r in reports.parse_delivery_reports(body(item))]
     sql = db.load_queries()["webhook_insert_reports"]
-    status = await conn.execute(sql, *report_arrays(parsed))
+    status = await conn.execute(sql, report_columns(parsed))
     return int(status.rsplit(" ", 1)[-1])
 
 
