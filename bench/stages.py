@@ -256,6 +256,34 @@ def bare_app() -> web.Application:
 
 async def ingest(ctx: Context) -> Result:
     n = ctx.sizes.ingest
+    product_runs: list[dict[str, Any]] = []
+    bare_runs: list[dict[str, Any]] = []
+    for _ in range(ctx.sizes.rounds):
+        product_runs.append(await _ingest_product(ctx, n))
+        bare_runs.append(await _ingest_bare(ctx, n))
+    product = min(product_runs, key=lambda r: float(r["duration_s"]))
+    bare = min(bare_runs, key=lambda r: float(r["duration_s"]))
+    figure = n / float(product["duration_s"])
+    ceiling = n / float(bare["duration_s"])
+    ctx.ceilings["ingest"] = ceiling
+    r = harness.ratio(figure, ceiling)
+    return Result(
+        stage="ingest",
+        unit="reports/s",
+        figure=figure,
+        ceiling=ceiling,
+        ratio=r,
+        target=">= 8,000/s and >= 80% of bare handler",
+        met=figure >= 8_000 and r >= 0.80,
+        n=n,
+        duration_s=float(product["duration_s"]),
+        notes=f"1 report per POST, 32 connections; best of {len(bare_runs)}",
+        details={"product_runs": product_runs, "bare_runs": bare_runs},
+    )
+
+
+async def _ingest_product(ctx: Context, n: int) -> dict[str, Any]:
+    """The load generator against the product's receiver; its result and server stats."""
     await harness.reset(ctx.dsn)
     path = f"/webhooks/dr/{WEBHOOK_TOKEN}"
     pool = await db.create_pool(ctx.dsn, min_size=2, max_size=10)
@@ -277,26 +305,17 @@ async def ingest(ctx: Context) -> Result:
         await pool.close()
     if product["statuses"] != {"200": n} or stored != n:
         raise RuntimeError(f"ingest: answers {product['statuses']}, {stored} of {n} stored")
+    product["server_stats"] = dict(vars_of(server.stats))
+    return product
+
+
+async def _ingest_bare(ctx: Context, n: int) -> dict[str, Any]:
+    """The same load against a bare aiohttp handler that parses and answers 200."""
     port = harness.free_port()
     async with _serve(bare_app(), port):
-        bare = await _loadgen(ctx, f"http://127.0.0.1:{port}{path}", n, "loadgen-bare")
-    figure = n / float(product["duration_s"])
-    ceiling = n / float(bare["duration_s"])
-    ctx.ceilings["ingest"] = ceiling
-    r = harness.ratio(figure, ceiling)
-    return Result(
-        stage="ingest",
-        unit="reports/s",
-        figure=figure,
-        ceiling=ceiling,
-        ratio=r,
-        target=">= 8,000/s and >= 80% of bare handler",
-        met=figure >= 8_000 and r >= 0.80,
-        n=n,
-        duration_s=float(product["duration_s"]),
-        notes="1 report per POST, 32 connections",
-        details={"server_stats": dict(vars_of(server.stats)), "bare": bare},
-    )
+        return await _loadgen(
+            ctx, f"http://127.0.0.1:{port}/webhooks/dr/{WEBHOOK_TOKEN}", n, "loadgen-bare"
+        )
 
 
 def vars_of(obj: Any) -> dict[str, Any]:
@@ -385,8 +404,12 @@ async def reconcile_raw(dsn: str, n: int) -> float:
 
 async def reconcile(ctx: Context) -> Result:
     n = ctx.sizes.reconcile
-    product_s = await reconcile_product(ctx.dsn, n)
-    raw_s = await reconcile_raw(ctx.dsn, n)
+    product_runs: list[float] = []
+    raw_runs: list[float] = []
+    for _ in range(ctx.sizes.rounds):
+        product_runs.append(await reconcile_product(ctx.dsn, n))
+        raw_runs.append(await reconcile_raw(ctx.dsn, n))
+    product_s, raw_s = min(product_runs), min(raw_runs)
     figure, ceiling = n / product_s, n / raw_s
     ctx.ceilings["reconcile"] = ceiling
     return Result(
@@ -399,8 +422,8 @@ async def reconcile(ctx: Context) -> Result:
         met=figure >= 30_000,
         n=n,
         duration_s=product_s,
-        notes="reports in random order, batch_size 5000",
-        details={"product_s": product_s, "raw_s": raw_s},
+        notes=f"reports in random order, batch_size 5000; best of {len(raw_runs)}",
+        details={"product_runs_s": product_runs, "raw_runs_s": raw_runs},
     )
 
 

@@ -387,3 +387,32 @@ async def test_statements_are_planned_for_the_tables_as_they_are_now(dsn: str) -
 
 async def test_plain_connections_plan_every_execution_too(conn: asyncpg.Connection) -> None:
     assert await conn.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+
+
+async def test_sweeps_wait_for_interval_s_while_a_backlog_is_matched(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Full passes sweep at most once per interval_s; the pass that drains the backlog does."""
+    _, rows = await seed_campaign(conn, ["queued"] * 6)
+    reconciler = make_reconciler(pool, batch_size=2, interval_s=3600.0, orphan_after_s=60.0)
+    await store_reports(conn, [dr(r["transid"], "7500") for r in rows[:2]])
+    assert (await reconciler.run_once()).full  # the first pass sweeps: none swept yet
+
+    await store_reports(conn, [dr("T-nobody", "7500")])
+    await conn.execute(
+        "UPDATE campaign.delivery_reports SET received_at = now() - interval '2 hours' "
+        "WHERE transid = 'T-nobody'"
+    )
+    await store_reports(conn, [dr(r["transid"], "7500") for r in rows[2:]])
+    passes = []
+    while True:
+        result = await reconciler.run_once()
+        passes.append((result.full, result.reports_orphaned))
+        if not result.full:
+            break
+    # Full passes within interval_s leave the orphan; the last, not full, sweeps it.
+    assert passes[:-1] and all(orphaned == 0 for _, orphaned in passes[:-1])
+    assert passes[-1] == (False, 1)
+    assert await conn.fetchval(
+        "SELECT state FROM campaign.delivery_reports WHERE transid = 'T-nobody'"
+    ) == "orphaned"
