@@ -64,12 +64,21 @@ async def worker_dsn(dsn: str, conn: asyncpg.Connection) -> AsyncIterator[str]:
     for statement in grant_statements(role, DB_PASSWORD):
         await conn.execute(statement)
     parts = urlsplit(dsn)
-    netloc = f"{role}:{DB_PASSWORD}@{parts.hostname}:{parts.port or 5432}"
+    # The embedded server's DSN names a socket directory in its query (no host part).
+    where = f"{parts.hostname}:{parts.port or 5432}" if parts.hostname else ""
+    netloc = f"{role}:{DB_PASSWORD}@{where}"
     try:
         yield urlunsplit(parts._replace(netloc=netloc))
     finally:
         await conn.execute(f'DROP OWNED BY "{role}"')
         await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def refused_dsn(dsn: str) -> str:
+    """The same role and password at a loopback port nothing listens on."""
+    parts = urlsplit(dsn)
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{free_port()}"
+    return urlunsplit(parts._replace(netloc=netloc, query=""))
 
 
 def write_config(path: Path, *, dsn: str, base_url: str, port: int) -> Path:
@@ -195,7 +204,7 @@ async def test_full_run_as_a_least_privileged_role_prints_no_secret(
     # The database refusing the connection: the error line names no password.
     broken = write_config(
         tmp_path / "broken.toml",
-        dsn=worker_dsn.replace(str(urlsplit(worker_dsn).port), str(free_port())),
+        dsn=refused_dsn(worker_dsn),
         base_url=sim_url,
         port=hook_port,
     )

@@ -413,6 +413,9 @@ async def test_sweeps_wait_for_interval_s_while_a_backlog_is_matched(
     # Full passes within interval_s leave the orphan; the last, not full, sweeps it.
     assert passes[:-1] and all(orphaned == 0 for _, orphaned in passes[:-1])
     assert passes[-1] == (False, 1)
-    assert await conn.fetchval(
-        "SELECT state FROM campaign.delivery_reports WHERE transid = 'T-nobody'"
-    ) == "orphaned"
+    assert (
+        await conn.fetchval(
+            "SELECT state FROM campaign.delivery_reports WHERE transid = 'T-nobody'"
+        )
+        == "orphaned"
+    )
