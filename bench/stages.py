@@ -219,12 +219,17 @@ async def submit(ctx: Context) -> Result:
 # --------------------------------------------------------------------------- ingest
 
 
-async def _loadgen(ctx: Context, url: str, n: int, name: str) -> dict[str, Any]:
+async def _loadgen(
+    ctx: Context, url: str, n: int, name: str, *, per_request: int = 1
+) -> dict[str, Any]:
     process = await harness.spawn(
         name,
-        ["-m", "bench.loadgen", "--url", url, "--requests", str(n), "--timeout-s", "120"],
+        [
+            "-m", "bench.loadgen", "--url", url, "--requests", str(n),
+            "--reports-per-request", str(per_request), "--timeout-s", "120",
+        ],
         work_dir=ctx.work_dir,
-    )
+    )  # fmt: skip
     code = await asyncio.wait_for(process.proc.wait(), timeout=180)
     text = process.log_text().strip().splitlines()
     if code != 0 or not text:
@@ -263,6 +268,10 @@ async def ingest(ctx: Context) -> Result:
         bare_runs.append(await _ingest_bare(ctx, n))
     product = min(product_runs, key=lambda r: float(r["duration_s"]))
     bare = min(bare_runs, key=lambda r: float(r["duration_s"]))
+    # Not a target: the same receiver when the platform sends 100 reports per POST (as the
+    # simulator does in the end-to-end stage), where one request's overhead is shared.
+    batched = await _ingest_product(ctx, max(1, n // 100), per_request=100)
+    batched_rate = n // 100 * 100 / float(batched["duration_s"])
     figure = n / float(product["duration_s"])
     ceiling = n / float(bare["duration_s"])
     ctx.ceilings["ingest"] = ceiling
@@ -277,12 +286,15 @@ async def ingest(ctx: Context) -> Result:
         met=figure >= 8_000 and r >= 0.80,
         n=n,
         duration_s=float(product["duration_s"]),
-        notes=f"1 report per POST, 32 connections; best of {len(bare_runs)}",
-        details={"product_runs": product_runs, "bare_runs": bare_runs},
+        notes=(
+            f"1 report per POST, 32 connections; best of {len(bare_runs)}; "
+            f"100 per POST: {batched_rate:,.0f}/s"
+        ),
+        details={"product_runs": product_runs, "bare_runs": bare_runs, "batched": batched},
     )
 
 
-async def _ingest_product(ctx: Context, n: int) -> dict[str, Any]:
+async def _ingest_product(ctx: Context, n: int, *, per_request: int = 1) -> dict[str, Any]:
     """The load generator against the product's receiver; its result and server stats."""
     await harness.reset(ctx.dsn)
     path = f"/webhooks/dr/{WEBHOOK_TOKEN}"
@@ -297,13 +309,15 @@ async def _ingest_product(ctx: Context, n: int) -> dict[str, Any]:
         )
         await server.start()
         try:
-            product = await _loadgen(ctx, f"{server.url}{path}", n, "loadgen-ingest")
+            product = await _loadgen(
+                ctx, f"{server.url}{path}", n, "loadgen-ingest", per_request=per_request
+            )
         finally:
             await server.stop()
         stored = await pool.fetchval("SELECT count(*) FROM campaign.delivery_reports")
     finally:
         await pool.close()
-    if product["statuses"] != {"200": n} or stored != n:
+    if product["statuses"] != {"200": n} or stored != n * per_request:
         raise RuntimeError(f"ingest: answers {product['statuses']}, {stored} of {n} stored")
     product["server_stats"] = dict(vars_of(server.stats))
     return product
