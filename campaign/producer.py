@@ -45,6 +45,8 @@ SWEEP_CHUNK = 10_000
 # Errors worth waiting out (the database restarting, a dropped connection); anything
 # else is a bug and stops the worker.
 DB_ERRORS = db.UNAVAILABLE_ERRORS
+# How often claims start again from each campaign's first due row (see Producer._after).
+RESCAN_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +280,12 @@ class Producer:
         self._last_renewal = -float("inf")
         # Campaigns already reported as on an unknown service: one error line each.
         self._reported_unknown: set[int] = set()
+        # Per campaign, the highest recipient id claimed so far: the next claim starts
+        # there instead of walking the index entries of every row already sent. Dropped
+        # when a claim comes back short or empty, and all of them every RESCAN_S, so rows
+        # due again below it (retries, released batches) are found.
+        self._after: dict[int, int] = {}
+        self._rescanned = clock()
 
     def wake(self) -> None:
         """Look for work now (a notification arrived, or a queue has room again)."""
@@ -311,6 +319,9 @@ class Producer:
         between them (SKIP LOCKED), sending small campaigns in several requests.
         """
         self._wake.clear()
+        if self._clock() - self._rescanned >= RESCAN_S:
+            self._rescanned = self._clock()
+            self._after.clear()
         # Campaigns found empty in this pass: a concurrent claimer took their last rows.
         skip: list[int] = []
         claimed = 0
@@ -346,11 +357,16 @@ class Producer:
             services = [name for name, lane in self._lanes.items() if lane.has_room()]
             if not services:
                 return None
-            row = await self._pool.fetchrow(self._queries["next_campaign"], services, skip)
+            after = {str(cid): rid for cid, rid in self._after.items()}
+            row = await self._pool.fetchrow(self._queries["next_campaign"], services, skip, after)
             if row is None:
-                return None
+                if not self._after:
+                    return None
+                self._after.clear()  # due rows may wait below a cursor: look from the start
+                continue
             lane = self._lanes[row["service"]]
             campaign = Campaign.from_record(row, default_sender_id=lane.settings.sender_id)
+            start = self._after.pop(campaign.id, 0)
             lane.claiming += 1
             try:
                 records = await self._pool.fetch(
@@ -360,14 +376,18 @@ class Producer:
                     lane.name,
                     self._worker_id,
                     self._settings.lease_s,
+                    start,
                 )
             except BaseException:
                 lane.claiming -= 1
                 raise
             if records:
+                if len(records) >= lane.limiter.max_batch:
+                    self._after[campaign.id] = max(r["id"] for r in records)
                 return _Claim(campaign, lane, records)
             lane.claiming -= 1
-            skip.append(campaign.id)
+            if not start:
+                skip.append(campaign.id)
         return None
 
     async def _check_and_queue(self, claim: _Claim) -> int:

@@ -106,15 +106,21 @@ class Reconciler:
         started = time.monotonic()
         s = self._settings
         async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn:
-            match = await conn.fetchrow(
-                self._queries["reconcile_match_reports"],
-                self._after_id,
-                s.batch_size,
-                self._codes,
-                self._statuses,
-                reports.OTHER_CODE_STATUS,
-                timeout=STEP_TIMEOUT_S,
-            )
+            # A match is derived data and needs no WAL flush of its own: should a crash
+            # lose its commit, its reports are still 'new' (both writes are one statement)
+            # and the next pass matches them again; any later durable commit (a sender's,
+            # the receiver's) flushes it along, the WAL being one sequence.
+            async with conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                match = await conn.fetchrow(
+                    self._queries["reconcile_match_reports"],
+                    self._after_id,
+                    s.batch_size,
+                    self._codes,
+                    self._statuses,
+                    reports.OTHER_CODE_STATUS,
+                    timeout=STEP_TIMEOUT_S,
+                )
             assert match is not None
             examined = int(match["examined"])
             full = examined >= s.batch_size

@@ -6,7 +6,8 @@
 -- not expired), on a service this worker sends for and has room for, with at least one
 -- recipient due now; highest priority first, then oldest. Campaigns a concurrent claimer
 -- just emptied are passed in $2 so one pass does not spin on them.
--- $1 services (text[]), $2 campaign ids to skip (bigint[])
+-- $1 services (text[]), $2 campaign ids to skip (bigint[]), $3 jsonb object: campaign id ->
+-- recipient id this worker has claimed up to (see claim_batch), so the probe starts there.
 SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.priority,
        c.expires_at, c.callback_data
   FROM campaign.campaigns c
@@ -23,6 +24,7 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
    AND (SELECT r.id
           FROM campaign.recipients r
          WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id
+           AND r.id > coalesce(($3::jsonb ->> c.id::text)::bigint, 0)
            AND r.status = 'pending'
            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
          ORDER BY r.campaign_id, r.id
@@ -36,7 +38,12 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
 -- workers claim from one campaign at once without ever taking the same row; the campaign
 -- check is repeated here so a pause or cancel committed since next_campaign wins. A ready
 -- campaign becomes running on its first claim. No row is returned when nothing was due.
--- $1 campaign id, $2 batch size, $3 service, $4 worker id, $5 lease seconds
+-- $1 campaign id, $2 batch size, $3 service, $4 worker id, $5 lease seconds, $6 the
+-- highest recipient id this worker claimed from the campaign so far (0: from the start).
+-- Every row sent leaves a dead entry in recipients_pending_idx until vacuum removes it;
+-- starting at $6 keeps a claim from walking them all (74 -> 18 ms a claim with 7,000,000
+-- rows sent and no vacuum yet). Rows that became due again below $6 (retries, released
+-- batches) are found when the producer starts again from 0 (see Producer._after).
 -- The range on campaign_id and ORDER BY (campaign_id, id) make recipients_pending_idx the
 -- only index that yields rows in order: with `campaign_id = $1 ORDER BY id` the planner,
 -- trusting statistics that still call the rows already sent pending, walks the primary
@@ -45,6 +52,7 @@ WITH picked AS (
     SELECT r.id
       FROM campaign.recipients r
      WHERE r.campaign_id >= $1 AND r.campaign_id <= $1
+       AND r.id > $6
        AND r.status = 'pending'
        AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
        AND EXISTS (

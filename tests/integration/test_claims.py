@@ -28,12 +28,13 @@ async def claim(
     *,
     worker: str = "w1",
     lease_s: float = 60.0,
+    after: int = 0,
 ) -> list[asyncpg.Record]:
-    return await conn.fetch(q["claim_batch"], campaign_id, size, "default", worker, lease_s)
+    return await conn.fetch(q["claim_batch"], campaign_id, size, "default", worker, lease_s, after)
 
 
 async def next_id(conn: asyncpg.Connection, q: Mapping[str, str], skip: list[int] | None = None):
-    row = await conn.fetchrow(q["next_campaign"], ["default"], skip or [])
+    row = await conn.fetchrow(q["next_campaign"], ["default"], skip or [], {})
     return None if row is None else row["id"]
 
 
@@ -517,3 +518,13 @@ async def test_work_remaining(conn, q) -> None:
         "UPDATE campaign.recipients SET status = 'queued' WHERE campaign_id = $1", cid
     )
     assert await conn.fetchval(q["work_remaining"], ["default"]) is False
+
+
+async def test_claim_starts_after_the_given_recipient(conn, q) -> None:
+    cid = await create_campaign(conn)
+    ids = await add_recipients(conn, cid, numbers(30))
+    rows = await claim(conn, q, cid, size=5, after=ids[9])
+    assert sorted(r["id"] for r in rows) == ids[10:15]
+    # next_campaign looks for due rows after the same point.
+    assert await conn.fetchval(q["next_campaign"], ["default"], [], {str(cid): ids[-1]}) is None
+    assert await conn.fetchval(q["next_campaign"], ["default"], [], {str(cid): ids[-2]}) == cid

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import asyncpg
 import pytest
 
 from campaign import config, db
+from campaign import producer as producer_module
 from campaign.producer import Lane, Producer
 from tests.helpers.sending import add_recipients, create_campaign, numbers
 
 
-def make_producer(pool: asyncpg.Pool, *, queue_size: int) -> tuple[Producer, Lane]:
+def make_producer(
+    pool: asyncpg.Pool, *, queue_size: int, clock: Callable[[], float] = time.monotonic
+) -> tuple[Producer, Lane]:
     service = config.ServiceSettings(key="k", sender_id="S", rate_per_s=1000.0, batch_size=10)
     lane = Lane(name="default", settings=service, queue_size=queue_size)
     settings = config.ProducerSettings(queue_size=queue_size)
@@ -21,6 +27,7 @@ def make_producer(pool: asyncpg.Pool, *, queue_size: int) -> tuple[Producer, Lan
         settings=settings,
         worker_id="w1",
         notify_url=None,
+        clock=clock,
     )
     return producer, lane
 
@@ -96,3 +103,44 @@ async def test_a_small_campaign_goes_in_one_batch(
 
     assert await producer.fill() == 3
     assert [lane.queue.get_nowait().destinations for _ in range(3)] == [7, 7, 7]
+
+
+async def test_claims_go_on_from_the_last_one_and_rows_due_again_behind_are_found(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Claims start after the last full one; a rescan every RESCAN_S finds rows behind it."""
+    cid = await create_campaign(conn)
+    ids = await add_recipients(conn, cid, numbers(30))
+    now = [1000.0]
+    producer, lane = make_producer(pool, queue_size=1, clock=lambda: now[0])
+
+    async def claim_one() -> list[int]:
+        assert await producer.fill() == 1
+        batch = lane.queue.get_nowait()
+        return sorted(batch.recipient_ids)
+
+    assert await claim_one() == ids[0:10]
+    # A row of the first batch is due again (as after a retry or a released batch).
+    await conn.execute(
+        "UPDATE campaign.recipients SET status = 'pending', batch_id = NULL WHERE id = $1",
+        ids[2],
+    )
+    assert await claim_one() == ids[10:20]  # from the cursor on: ids[2] is behind it
+    now[0] += producer_module.RESCAN_S
+    assert await claim_one() == [ids[2], *ids[20:29]]  # rescanned from the start
+
+
+async def test_a_row_behind_the_cursor_is_found_when_nothing_is_left_ahead(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    cid = await create_campaign(conn)
+    ids = await add_recipients(conn, cid, numbers(20))
+    producer, lane = make_producer(pool, queue_size=2)
+    assert await producer.fill() == 2  # two full batches: the cursor is at ids[19]
+    await conn.execute(
+        "UPDATE campaign.recipients SET status = 'pending', batch_id = NULL WHERE id = $1",
+        ids[5],
+    )
+    [lane.queue.get_nowait() for _ in range(2)]
+    assert await producer.fill() == 1
+    assert lane.queue.get_nowait().recipient_ids == (ids[5],)

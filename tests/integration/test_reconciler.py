@@ -419,3 +419,30 @@ async def test_sweeps_wait_for_interval_s_while_a_backlog_is_matched(
         )
         == "orphaned"
     )
+
+
+async def test_the_match_commits_without_waiting_for_the_wal_flush(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Matching is derived data (a lost commit is matched again): no flush wait per pass."""
+    _, (r,) = await seed_campaign(conn, ["queued"])
+    await store_reports(conn, [dr(r["transid"], "7500")])
+    await conn.execute("CREATE TABLE public.sync_probe (setting text)")
+    queries = dict(db.load_queries())
+    match = queries["reconcile_match_reports"]
+    assert "\nWITH codes AS (" in match
+    # The same statement, also recording the setting it runs under.
+    queries["reconcile_match_reports"] = match.replace(
+        "\nWITH codes AS (",
+        "\nWITH probe AS (INSERT INTO public.sync_probe "
+        "VALUES (current_setting('synchronous_commit'))), codes AS (",
+    )
+    reconciler = Reconciler(pool=pool, settings=ReconcilerSettings(), queries=queries)
+
+    result = await reconciler.run_once()
+
+    assert result.reports_matched == 1
+    assert await conn.fetchval("SELECT setting FROM public.sync_probe") == "off"
+    # Only that statement: the pool's connections are back to the server's setting.
+    async with pool.acquire() as c:
+        assert await c.fetchval("SHOW synchronous_commit") == "on"
