@@ -379,7 +379,7 @@ async def seed_reconcile(dsn: str, n: int) -> None:
 
 async def reconcile_product(dsn: str, n: int) -> float:
     await seed_reconcile(dsn, n)
-    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    pool = await db.create_pool(dsn, min_size=1, max_size=4)
     try:
         reconciler = Reconciler(
             pool=pool, settings=config.ReconcilerSettings(), queries=db.load_queries()

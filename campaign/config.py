@@ -85,6 +85,7 @@ class WebhookSettings:
 class ReconcilerSettings:
     interval_s: float = 1.0
     batch_size: int = 5000
+    parallel: int = 2
     orphan_after_s: float = 3600.0
     report_timeout_s: float = 172_800.0
 
@@ -167,6 +168,7 @@ _POSITIVE = {
     "pool_max",
     "max_body_bytes",
     "interval_s",
+    "parallel",
     "group_max",
     "store_timeout_s",
     "stats_interval_s",

@@ -105,27 +105,21 @@ class Reconciler:
         """One pass: match, orphan, time out, complete. Each step commits on its own."""
         started = time.monotonic()
         s = self._settings
+        # Up to `parallel` match statements at once while a backlog waits: each takes the
+        # next reports not locked by another (SKIP LOCKED), so they split the work.
+        after_id = self._after_id
+        outcomes = await asyncio.gather(
+            *(self._match(after_id) for _ in range(s.parallel if after_id else 1)),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        matches = [m for m in outcomes if not isinstance(m, BaseException)]
+        examined = sum(int(m["examined"]) for m in matches)
+        full = any(int(m["examined"]) >= s.batch_size for m in matches)
+        self._after_id = max(int(m["last_id"] or 0) for m in matches) if full else 0
         async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn:
-            # A match is derived data and needs no WAL flush of its own: should a crash
-            # lose its commit, its reports are still 'new' (both writes are one statement)
-            # and the next pass matches them again; any later durable commit (a sender's,
-            # the receiver's) flushes it along, the WAL being one sequence.
-            async with conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit = off")
-                match = await conn.fetchrow(
-                    self._queries["reconcile_match_reports"],
-                    self._after_id,
-                    s.batch_size,
-                    self._codes,
-                    self._statuses,
-                    reports.OTHER_CODE_STATUS,
-                    timeout=STEP_TIMEOUT_S,
-                )
-            assert match is not None
-            examined = int(match["examined"])
-            full = examined >= s.batch_size
-            self._after_id = int(match["last_id"]) if full else 0
-
             # The sweeps look at every waiting report and running campaign; while a backlog
             # is matched in full passes they run once per interval_s, not after every pass
             # (the orphan sweep alone took a tenth of a 200,000-report backlog's time).
@@ -138,8 +132,8 @@ class Reconciler:
 
         result = ReconcileResult(
             reports_examined=examined,
-            reports_matched=int(match["matched"]),
-            recipients_updated=int(match["updated"]),
+            reports_matched=sum(int(m["matched"]) for m in matches),
+            recipients_updated=sum(int(m["updated"]) for m in matches),
             reports_orphaned=len(orphans),
             recipients_timed_out=sum(int(r["recipients"]) for r in timed_out),
             campaigns_completed=len(completed),
@@ -158,6 +152,27 @@ class Reconciler:
                 duration_ms=round((time.monotonic() - started) * 1000),
             )
         return result
+
+    async def _match(self, after_id: int) -> db.Record:
+        """One match statement: up to batch_size new reports after `after_id`."""
+        s = self._settings
+        # A match is derived data and needs no WAL flush of its own: should a crash lose
+        # its commit, its reports are still 'new' (both writes are one statement) and the
+        # next pass matches them again; any later durable commit (a sender's, the
+        # receiver's) flushes it along, the WAL being one sequence.
+        async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            match = await conn.fetchrow(
+                self._queries["reconcile_match_reports"],
+                after_id,
+                s.batch_size,
+                self._codes,
+                self._statuses,
+                reports.OTHER_CODE_STATUS,
+                timeout=STEP_TIMEOUT_S,
+            )
+        assert match is not None
+        return match
 
     async def _sweep(
         self, conn: db.PoolConnection

@@ -289,7 +289,8 @@ async def test_waiting_reports_do_not_starve_newer_ones(
         conn, [dr(f"T-wait-{i}", correlation_id=rows[i]["correlation_id"]) for i in range(3)]
     )
     await store_reports(conn, [dr(rows[3]["transid"], "7500")])
-    reconciler = make_reconciler(pool, batch_size=2)
+    # One statement a pass, so the cursor's steps are exact.
+    reconciler = make_reconciler(pool, batch_size=2, parallel=1)
 
     first = await reconciler.run_once()
     second = await reconciler.run_once()
@@ -446,3 +447,35 @@ async def test_the_match_commits_without_waiting_for_the_wal_flush(
     # Only that statement: the pool's connections are back to the server's setting.
     async with pool.acquire() as c:
         assert await c.fetchval("SHOW synchronous_commit") == "on"
+
+
+async def test_a_backlog_is_matched_by_parallel_statements_each_report_once(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    _, rows = await seed_campaign(conn, ["queued"] * 40, campaign_status="paused")
+    await store_reports(
+        conn,
+        [dr(r["transid"], "7501", at=minutes(0)) for r in rows]
+        + [dr(r["transid"], "7500", at=minutes(1)) for r in rows],
+    )
+    reconciler = make_reconciler(pool, batch_size=10, parallel=3)
+
+    examined = []
+    while True:
+        result = await reconciler.run_once()
+        examined.append(result.reports_examined)
+        if not result.full:
+            break
+
+    # One statement to start, then three at once (30 reports a pass) while the backlog lasts.
+    assert examined[0] == 10
+    assert examined[1] == 30
+    assert sum(examined) == 80
+    counts = await conn.fetch("SELECT status, count(*) FROM campaign.recipients GROUP BY status")
+    assert {c["status"]: c["count"] for c in counts} == {"delivered": 40}
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaign.delivery_reports WHERE state = 'matched'"
+        )
+        == 80
+    )
