@@ -119,15 +119,15 @@ class Reconciler:
         examined = sum(int(m["examined"]) for m in matches)
         full = any(int(m["examined"]) >= s.batch_size for m in matches)
         self._after_id = max(int(m["last_id"] or 0) for m in matches) if full else 0
-        async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn:
-            # The sweeps look at every waiting report and running campaign; while a backlog
-            # is matched in full passes they run once per interval_s, not after every pass
-            # (the orphan sweep alone took a tenth of a 200,000-report backlog's time).
-            orphans: list[db.Record] = []
-            timed_out: list[db.Record] = []
-            completed: list[db.Record] = []
-            if not full or started - self._last_sweep >= s.interval_s:
-                self._last_sweep = started
+        # The sweeps look at every waiting report and running campaign; while a backlog is
+        # matched in full passes they run once per interval_s, not after every pass (the
+        # orphan sweep alone took a tenth of a 200,000-report backlog's time).
+        orphans: list[db.Record] = []
+        timed_out: list[db.Record] = []
+        completed: list[db.Record] = []
+        if not full or started - self._last_sweep >= s.interval_s:
+            self._last_sweep = started
+            async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn:
                 orphans, timed_out, completed = await self._sweep(conn)
 
         result = ReconcileResult(
