@@ -390,7 +390,7 @@ class Producer:
                 skip.append(campaign.id)
         return None
 
-    async def _check_and_queue(self, claim: _Claim) -> int:
+    async def _check_and_queue(self, claim: _Claim) -> None:
         """Check and render a claimed batch; queue what is to be sent, store the rest."""
         campaign, lane, records = claim.campaign, claim.lane, claim.records
         async with self._pool.acquire() as conn:
@@ -444,7 +444,6 @@ class Producer:
         if ready:
             lane.held.add(batch_id)
             lane.queue.put_nowait(self._batch(batch_id, campaign, ready))
-        return batch_id
 
     def _batch(self, batch_id: int, campaign: Campaign, ready: Sequence[Prepared]) -> Batch:
         settings = payload.MessageSettings(
