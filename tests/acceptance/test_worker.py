@@ -134,8 +134,12 @@ async def sim() -> AsyncIterator[Simulator]:
         dr_delay_min_s=0.01,
         dr_delay_max_s=0.1,
         dr_batch_size=50,
-        # Reports for a stopped receiver come back soon, as the platform's do (60 s there).
-        callback_retry_interval_s=0.2,
+        # The platform retries a report 3 times 60 s apart: a restart of a few seconds loses
+        # nothing. Scaled down, the retries must still outlast a restart of `campaign worker`
+        # on a busy machine (several seconds of Python start-up), or reports for requests
+        # answered while the first worker stopped are lost and their recipients stay queued.
+        callback_retries=10,
+        callback_retry_interval_s=1.0,
         seed=1,
     )
     async with await start_simulator(config) as simulator:
@@ -238,6 +242,12 @@ async def test_sigterm_mid_campaign_then_restart_sends_each_recipient_once(
         assert await first.wait() == 0
     finally:
         await first.kill()
+    # The all-in-one worker starts its receiver before the first claim and stops it after
+    # the last request's results are written, so reports keep landing while it stops.
+    names = [e["event"] for e in first.events()]
+    assert names.index("webhooks_started") < names.index("batch_claimed")
+    last_sent = len(names) - 1 - names[::-1].index("batch_sent")
+    assert last_sent < names.index("webhooks_stopping") < names.index("worker_stopped")
     mid = await counts(conn, cid)
     assert "sending" not in mid
     assert mid.get("pending", 0) > 0, "the worker finished before the signal; slow it down"
