@@ -32,7 +32,8 @@ from aiohttp import web
 from bench import harness
 from bench.harness import SERVICE, SERVICE_KEY, WEBHOOK_TOKEN, Context, Result
 from campaign import config, db
-from campaign.producer import Lane, Producer
+from campaign.batch import Lane
+from campaign.producer import Producer
 from campaign.reconciler import Reconciler
 from campaign.sender import Sender, create_session, sessions_needed
 from campaign.webhooks import WebhookServer

@@ -4,103 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from pathlib import Path
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import structlog
 
-from campaign import config, db, logs
+from campaign import config, db, logs, worker
+from campaign.commands import control, demo, importer, prune, status
+from campaign.simulator import cmd_simulate
 
 log = structlog.get_logger("campaign.cli")
 
 Handler = Callable[[argparse.Namespace, config.Settings], Coroutine[Any, Any, int]]
-
-
-@contextlib.asynccontextmanager
-async def database(settings: config.Settings) -> AsyncIterator[str]:
-    """Yield a DSN: the configured one, or an embedded server's started for the duration."""
-    dsn = settings.database_dsn
-    if dsn:
-        yield dsn
-        return
-    data_dir = Path(settings.database.data_dir) if settings.database.data_dir else None
-    server = db.EmbeddedServer(data_dir=data_dir or db.default_data_dir())
-    dsn = await asyncio.to_thread(server.start)
-    try:
-        yield dsn
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
-async def cmd_migrate(args: argparse.Namespace, settings: config.Settings) -> int:
-    async with database(settings) as dsn:
-        conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
-        try:
-            applied = await db.migrate(conn)
-            version = await db.schema_version(conn)
-        finally:
-            await conn.close()
-    log.info(
-        "migrate_finished",
-        applied=len(applied),
-        schema_version=version,
-        database=db.describe_dsn(dsn),
-    )
-    return 0
-
-
-_CONTROL_SQL = {
-    "pause": ("control_pause", "paused"),
-    "resume": ("control_resume", "ready"),
-    "cancel": ("control_cancel", "cancelled"),
-}
-
-
-async def cmd_control(args: argparse.Namespace, settings: config.Settings) -> int:
-    query_name, new_status = _CONTROL_SQL[args.command]
-    queries = db.require(db.load_queries(), [query_name])
-    async with database(settings) as dsn:
-        conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
-        try:
-            await db.check_schema(conn)
-            row = await conn.fetchrow(queries[query_name], args.campaign_id)
-        finally:
-            await conn.close()
-    if row is None:
-        print(
-            f"campaign {args.campaign_id}: not found, or its status does not allow {args.command}",
-            file=sys.stderr,
-        )
-        return 1
-    log.info(
-        "campaign_status_changed",
-        campaign_id=args.campaign_id,
-        status=new_status,
-        previous_status=row["previous_status"],
-    )
-    return 0
-
-
-async def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
-    from campaign import demo
-
-    return await demo.run(args, settings)
-
-
-def _lazy(module: str, func: str) -> Handler:
-    """A handler imported on use, so `campaign migrate` does not load the worker's stack."""
-
-    async def handler(args: argparse.Namespace, settings: config.Settings) -> int:
-        import importlib
-
-        target = getattr(importlib.import_module(f"campaign.{module}"), func)
-        result: int = await target(args, settings)
-        return result
-
-    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", help="apply database migrations (safe to repeat)")
-    p.set_defaults(handler=cmd_migrate)
+    p.set_defaults(handler=control.cmd_migrate)
 
     for name, text in (
         ("pause", "stop new batches of a campaign; in-flight ones finish"),
@@ -134,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("campaign_id", type=int)
-        p.set_defaults(handler=cmd_control)
+        p.set_defaults(handler=control.cmd_control)
 
     p = sub.add_parser(
         "import",
@@ -144,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("campaign_id", type=int)
     p.add_argument("file", help="CSV file, UTF-8, with a header row")
-    p.set_defaults(handler=_lazy("importer", "cmd_import"))
+    p.set_defaults(handler=importer.cmd_import)
 
     p = sub.add_parser("status", help="counts per status, rate, ETA and report lag")
     p.add_argument("campaign_id", type=int, nargs="?", help="one campaign (default: recent ones)")
@@ -152,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=20, help="campaigns shown at most")
-    p.set_defaults(handler=_lazy("status", "cmd_status"))
+    p.set_defaults(handler=status.cmd_status)
 
     p = sub.add_parser(
         "prune",
         help="delete rows past the [retention] settings, in small chunks (see docs/scaling.md)",
     )
-    p.set_defaults(handler=_lazy("prune", "cmd_prune"))
+    p.set_defaults(handler=prune.cmd_prune)
 
     p = sub.add_parser(
         "demo",
@@ -169,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rate", type=float, default=20_000.0, help="service rate in destinations per second"
     )
-    p.set_defaults(handler=cmd_demo)
+    p.set_defaults(handler=demo.run)
 
     p = sub.add_parser(
         "worker", help="claim pending recipients and send them (see docs/sending.md)"
@@ -193,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-reconciler", action="store_true", help="do not match reports (another process does)"
     )
-    p.set_defaults(handler=_lazy("worker", "cmd_worker"))
+    p.set_defaults(handler=worker.cmd_worker)
 
     p = sub.add_parser(
         "webhooks",
@@ -201,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(see docs/webhooks.md)",
     )
     p.add_argument("--listen", metavar="HOST:PORT", help="override [webhooks] listen")
-    p.set_defaults(handler=_lazy("worker", "cmd_webhooks"))
+    p.set_defaults(handler=worker.cmd_webhooks)
 
     p = sub.add_parser(
         "simulate",
@@ -223,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oa", help="with --send-mo: the customer's number")
     p.add_argument("--message", help="with --send-mo: the text")
     p.add_argument("--da", help="with --send-mo: the short code (default: mo_da)")
-    p.set_defaults(handler=_lazy("simulator", "cmd_simulate"))
+    p.set_defaults(handler=cmd_simulate)
 
     return parser
 

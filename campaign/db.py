@@ -7,18 +7,23 @@ lock, so two processes migrating at once are safe.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.resources
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 import structlog
+
+if TYPE_CHECKING:
+    from campaign.config import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -304,6 +309,22 @@ class EmbeddedServer:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+@contextlib.asynccontextmanager
+async def database(settings: Settings) -> AsyncIterator[str]:
+    """Yield a DSN: the configured one, or an embedded server's started for the duration."""
+    dsn = settings.database_dsn
+    if dsn:
+        yield dsn
+        return
+    data_dir = Path(settings.database.data_dir) if settings.database.data_dir else None
+    server = EmbeddedServer(data_dir=data_dir or default_data_dir())
+    dsn = await asyncio.to_thread(server.start)
+    try:
+        yield dsn
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 def describe_dsn(dsn: str) -> str:

@@ -37,8 +37,6 @@ HEARTBEAT_INTERVAL_S = 1.0
 # Three missed heartbeats: a worker busy for a moment (a GC pause, a slow query) is not
 # taken for dead, and a dead one's share still comes back within a few seconds.
 DEAD_AFTER_S = 3.0
-# Errors worth retrying at the next heartbeat; anything else is a bug and stops the worker.
-DB_ERRORS = (db.PostgresError, db.InterfaceError, db.InternalClientError, OSError, TimeoutError)
 
 
 class WorkerIdInUse(Exception):
@@ -134,7 +132,7 @@ class Fleet:
         while not await _wait(stop, self._interval_s):
             try:
                 await self.heartbeat()
-            except DB_ERRORS as exc:
+            except db.UNAVAILABLE_ERRORS as exc:
                 # Shares stay as they were; without the database nothing is claimed or
                 # marked posting either, so a stale share cannot send much.
                 log.warning("fleet_heartbeat_failed", error=str(exc), error_type=type(exc).__name__)
@@ -143,7 +141,7 @@ class Fleet:
         """Deregister (on a clean stop), so the others take the share at once."""
         try:
             await self._pool.execute(self._queries["fleet_deregister"], self._worker_id)
-        except DB_ERRORS as exc:
+        except db.UNAVAILABLE_ERRORS as exc:
             # The row stops counting once its heartbeat is dead_after_s old.
             log.warning("fleet_leave_failed", error=str(exc), error_type=type(exc).__name__)
         else:

@@ -17,64 +17,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 import structlog
 
-from campaign import db, payload, sms
-from campaign.config import ProducerSettings, ServiceSettings
-from campaign.ratelimit import ServiceLimiter
+from campaign import db, payload
+from campaign.batch import Batch, Lane
+from campaign.config import ProducerSettings
+from campaign.prepare import Campaign, Claimed, Prepared, normalise_all, prepare
 
 log = structlog.get_logger(__name__)
 
 NOTIFY_CHANNEL = "campaign_work"
 QUERIES = (
-    "next_campaign",
-    "claim_batch",
-    "suppressed_numbers",
-    "prepare_recipients",
-    "cancel_pending",
-    "expire_pending",
-    "unknown_service_campaigns",
-    "renew_leases",
+    "producer_next_campaign",
+    "producer_claim_batch",
+    "producer_suppressed_numbers",
+    "producer_prepare_recipients",
+    "producer_cancel_pending",
+    "producer_expire_pending",
+    "producer_unknown_service_campaigns",
+    "producer_renew_leases",
 )
 SWEEP_CHUNK = 10_000
-# Errors worth waiting out (the database restarting, a dropped connection); anything
-# else is a bug and stops the worker.
-DB_ERRORS = db.UNAVAILABLE_ERRORS
 # How often claims start again from each campaign's first due row (see Producer._after).
 RESCAN_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """One claimed request's worth of recipients: the item on a lane's queue."""
-
-    id: int
-    campaign_id: int
-    service: str
-    body: bytes
-    recipient_ids: tuple[int, ...]
-    correlation_ids: tuple[str, ...]
-    # Attempts already made per recipient (same order as recipient_ids).
-    attempts: tuple[int, ...]
-    expires_at: datetime | None = None
-    # What the claim found per recipient (same order), stored with the results.
-    msisdn_e164: tuple[str | None, ...] = ()
-    encodings: tuple[str | None, ...] = ()
-    parts: tuple[int | None, ...] = ()
-
-    @property
-    def destinations(self) -> int:
-        return len(self.recipient_ids)
-
-    @property
-    def attempt(self) -> int:
-        """The number of this send: 1 for a first send."""
-        return max(self.attempts, default=0) + 1
 
 
 @dataclass(slots=True)
@@ -84,175 +52,6 @@ class _Claim:
     campaign: Campaign
     lane: Lane
     records: list[db.Record]
-
-
-class Lane:
-    """One service's state shared by the producer and that service's senders."""
-
-    def __init__(self, *, name: str, settings: ServiceSettings, queue_size: int) -> None:
-        self.name = name
-        self.settings = settings
-        self.limiter = ServiceLimiter(
-            service=name, rate_per_s=settings.rate_per_s, batch_size=settings.batch_size
-        )
-        self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=queue_size)
-        self.stopped = False
-        # Batches claimed by this worker and not yet posted (queued, or waiting for the
-        # limiter): their leases are renewed while they wait.
-        self.held: set[int] = set()
-        # Claims under way whose batch will need a place in the queue (Producer.fill).
-        self.claiming = 0
-
-    def has_room(self) -> bool:
-        return not self.stopped and self.queue.qsize() + self.claiming < self.queue.maxsize
-
-    def stop(self, *, error_code: str, description: str) -> None:
-        """Stop claiming and sending for this service (bad or inactive key): logged once."""
-        if self.stopped:
-            return
-        self.stopped = True
-        log.error(
-            "service_stopped",
-            service=self.name,
-            error_code=error_code,
-            description=description,
-            hint="fix the service key or activate the service, then restart the worker",
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Campaign:
-    id: int
-    service: str
-    sender_id: str
-    body: str | None
-    template_id: str | None
-    smartlinks: Mapping[str, Mapping[str, Any]]
-    priority: int
-    expires_at: datetime | None
-    callback_data: str | None
-
-    @classmethod
-    def from_record(cls, row: db.Record, *, default_sender_id: str) -> Campaign:
-        return cls(
-            id=row["id"],
-            service=row["service"],
-            sender_id=row["sender_id"] or default_sender_id,
-            body=row["body"],
-            template_id=row["template_id"],
-            smartlinks=payload.parse_smartlinks(row["smartlinks"]),
-            priority=row["priority"],
-            expires_at=row["expires_at"],
-            callback_data=row["callback_data"],
-        )
-
-
-# Per recipient, a thousand per batch: not frozen, whose __init__ costs three times as much.
-@dataclass(slots=True)
-class Claimed:
-    id: int
-    msisdn: str
-    variables: Mapping[str, Any]
-    correlation_id: str
-    attempts: int
-    # Set by an earlier attempt's results: the number was already normalised.
-    msisdn_e164: str | None = None
-
-
-# Per recipient, a thousand per batch: not frozen, whose __init__ costs three times as much.
-@dataclass(slots=True)
-class Prepared:
-    """A claimed row after the checks: still 'sending' with a destination, or final."""
-
-    id: int
-    status: str
-    msisdn_e164: str | None = None
-    encoding: str | None = None
-    parts: int | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    destination: payload.Destination | None = None
-    attempts: int = 0
-
-
-def normalise_all(
-    rows: Sequence[Claimed], *, default_region: str
-) -> list[str | sms.InvalidRecipient]:
-    """Each row's E.164 number, or why it has none."""
-    numbers: list[str | sms.InvalidRecipient] = []
-    for row in rows:
-        if row.msisdn_e164 is not None:
-            # A retry: phonenumbers already accepted this number (17 ms per 1000 rows).
-            numbers.append(row.msisdn_e164)
-            continue
-        try:
-            numbers.append(sms.normalise_msisdn(row.msisdn, default_region=default_region))
-        except sms.InvalidRecipient as exc:
-            numbers.append(exc)
-    return numbers
-
-
-def prepare(
-    campaign: Campaign,
-    rows: Sequence[Claimed],
-    numbers: Sequence[str | sms.InvalidRecipient],
-    *,
-    suppressed: Collection[str],
-    plus_prefix: bool,
-) -> list[Prepared]:
-    """Decide every claimed row: invalid, suppressed, or a destination with its text."""
-    prepared: list[Prepared] = []
-    for row, number in zip(rows, numbers, strict=True):
-        if isinstance(number, sms.InvalidRecipient):
-            prepared.append(
-                Prepared(row.id, "invalid", None, None, None, number.code, number.message)
-            )
-            continue
-        if number in suppressed:
-            prepared.append(
-                Prepared(row.id, "suppressed", number, None, None, "suppressed", "number opted out")
-            )
-            continue
-        msisdn = sms.api_msisdn(number, plus_prefix=plus_prefix)
-        if campaign.body is None:
-            # A template campaign: the platform holds the text, so there is nothing to count.
-            destination = payload.Destination(correlation_id=row.correlation_id, msisdn=msisdn)
-            prepared.append(
-                Prepared(row.id, "sending", number, destination=destination, attempts=row.attempts)
-            )
-            continue
-        try:
-            rendered = sms.render(campaign.body, row.variables)
-            payload.check_links(rendered.link_ids, campaign.smartlinks)
-        except sms.InvalidRecipient as exc:
-            prepared.append(Prepared(row.id, "invalid", number, None, None, exc.code, exc.message))
-            continue
-        destination = payload.Destination(
-            correlation_id=row.correlation_id,
-            msisdn=msisdn,
-            text=rendered.text,
-            ucs2=rendered.encoding == "ucs2",
-            link_ids=rendered.link_ids,
-        )
-        prepared.append(
-            Prepared(
-                row.id,
-                "sending",
-                number,
-                rendered.encoding,
-                rendered.parts,
-                destination=destination,
-                attempts=row.attempts,
-            )
-        )
-    return prepared
-
-
-def notify_url(public_url: str, token: str) -> str | None:
-    """Where the API posts delivery reports for this worker; None without a token."""
-    if not token:
-        return None
-    return f"{public_url.rstrip('/')}/webhooks/dr/{token}"
 
 
 class Producer:
@@ -304,7 +103,7 @@ class Producer:
                         self._last_renewal = self._clock()
                         await self.renew_leases()
                     await self.fill(stop)
-                except DB_ERRORS as exc:
+                except db.UNAVAILABLE_ERRORS as exc:
                     log.error("producer_failed", error=str(exc), error_type=type(exc).__name__)
                 await self._wait(stop)
         finally:
@@ -358,7 +157,9 @@ class Producer:
             if not services:
                 return None
             after = {str(cid): rid for cid, rid in self._after.items()}
-            row = await self._pool.fetchrow(self._queries["next_campaign"], services, skip, after)
+            row = await self._pool.fetchrow(
+                self._queries["producer_next_campaign"], services, skip, after
+            )
             if row is None:
                 if not self._after:
                     return None
@@ -370,7 +171,7 @@ class Producer:
             lane.claiming += 1
             try:
                 records = await self._pool.fetch(
-                    self._queries["claim_batch"],
+                    self._queries["producer_claim_batch"],
                     campaign.id,
                     lane.limiter.max_batch,
                     lane.name,
@@ -409,7 +210,8 @@ class Producer:
             numbers = normalise_all(rows, default_region=lane.settings.default_region)
             valid = [n for n in numbers if isinstance(n, str)]
             suppressed = {
-                r["msisdn"] for r in await conn.fetch(self._queries["suppressed_numbers"], valid)
+                r["msisdn"]
+                for r in await conn.fetch(self._queries["producer_suppressed_numbers"], valid)
             }
             prepared = prepare(
                 campaign,
@@ -422,7 +224,7 @@ class Producer:
             final = [p for p in prepared if p.destination is None]
             if final:
                 await conn.fetchval(
-                    self._queries["prepare_recipients"],
+                    self._queries["producer_prepare_recipients"],
                     batch_id,
                     [p.id for p in final],
                     [p.status for p in final],
@@ -481,21 +283,23 @@ class Producer:
         if not held:
             return 0
         renewed = await self._pool.fetch(
-            self._queries["renew_leases"], held, self._worker_id, self._settings.lease_s
+            self._queries["producer_renew_leases"], held, self._worker_id, self._settings.lease_s
         )
         return len(renewed)
 
     async def sweep(self) -> tuple[int, int]:
         """Cancelled and expired campaigns' pending rows get their final status."""
-        cancelled = await self._sweep("cancel_pending")
-        expired = await self._sweep("expire_pending")
+        cancelled = await self._sweep("producer_cancel_pending")
+        expired = await self._sweep("producer_expire_pending")
         if cancelled or expired:
             log.info("pending_swept", cancelled=cancelled, expired=expired)
         await self._report_unknown_services()
         return cancelled, expired
 
     async def _report_unknown_services(self) -> None:
-        rows = await self._pool.fetch(self._queries["unknown_service_campaigns"], list(self._lanes))
+        rows = await self._pool.fetch(
+            self._queries["producer_unknown_service_campaigns"], list(self._lanes)
+        )
         for row in rows:
             if row["id"] in self._reported_unknown:
                 continue
@@ -534,12 +338,12 @@ class Producer:
         await self._unlisten()
         try:
             conn = await self._pool.acquire()
-        except DB_ERRORS as exc:
+        except db.UNAVAILABLE_ERRORS as exc:
             log.warning("listen_failed", error=str(exc), error_type=type(exc).__name__)
             return
         try:
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        except DB_ERRORS as exc:
+        except db.UNAVAILABLE_ERRORS as exc:
             log.warning("listen_failed", error=str(exc), error_type=type(exc).__name__)
             await self._pool.release(conn)
             return
@@ -551,7 +355,7 @@ class Producer:
             return
         try:
             # Best effort: releasing to the pool resets the connection (UNLISTEN) anyway.
-            with contextlib.suppress(*DB_ERRORS):
+            with contextlib.suppress(*db.UNAVAILABLE_ERRORS):
                 if not conn.is_closed():
                     await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
         finally:

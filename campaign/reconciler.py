@@ -16,31 +16,19 @@ from dataclasses import dataclass
 
 import structlog
 
-from campaign import db, reports
+from campaign import db, reports, statuses
 from campaign.config import ReconcilerSettings
 
 log = structlog.get_logger(__name__)
 
-QUERY_NAMES = (
+QUERIES = (
     "reconcile_match_reports",
     "reconcile_orphan_reports",
     "reconcile_report_timeout",
     "reconcile_complete_campaigns",
 )
 
-# Statuses in a campaign_completed line, present or not, so every line has the same keys.
-FINAL_STATUSES = (
-    "delivered",
-    "failed",
-    "expired",
-    "rejected",
-    "invalid",
-    "suppressed",
-    "cancelled",
-)
 
-# Errors that mean "the database is not there right now": the loop logs and tries again.
-_DATABASE_ERRORS = db.UNAVAILABLE_ERRORS
 # A step normally takes well under a second. One stuck past this (a lock that is never
 # released, a pathological plan) fails the pass loudly (`reconcile_failed`) and the next
 # pass tries again, instead of the reconciler stalling in silence.
@@ -81,7 +69,7 @@ class Reconciler:
     ) -> None:
         self._pool = pool
         self._settings = settings
-        self._queries = db.require(queries, QUERY_NAMES)
+        self._queries = db.require(queries, QUERIES)
         self._codes = list(reports.CODE_STATUS)
         self._statuses = list(reports.CODE_STATUS.values())
         # Keyset cursor over new reports; back to 0 after a pass that was not full.
@@ -93,7 +81,7 @@ class Reconciler:
         while not stop.is_set():
             try:
                 result = await self.run_once()
-            except _DATABASE_ERRORS as exc:
+            except db.UNAVAILABLE_ERRORS as exc:
                 log.warning("reconcile_failed", error=str(exc), error_type=type(exc).__name__)
                 result = ReconcileResult()
             if result.full:
@@ -214,7 +202,7 @@ class Reconciler:
         )
         for row in completed:
             counts: Mapping[str, int] = row["counts"]
-            per_status = {status: int(counts.get(status, 0)) for status in FINAL_STATUSES}
+            per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}
             log.info(
                 "campaign_completed",
                 campaign_id=row["campaign_id"],

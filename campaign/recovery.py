@@ -19,15 +19,14 @@ import structlog
 
 from campaign import db
 from campaign.config import ServiceSettings
-from campaign.producer import DB_ERRORS
 
 log = structlog.get_logger(__name__)
 
 QUERIES = (
-    "recover_expired_batches",
-    "release_worker_batches",
-    "resolve_unknown",
-    "work_remaining",
+    "recovery_expired_batches",
+    "recovery_release_worker",
+    "recovery_resolve_unknown",
+    "recovery_work_remaining",
 )
 CHUNK = 10_000
 BATCH_CHUNK = 1_000
@@ -70,14 +69,14 @@ class Recovery:
                 return
             try:
                 await self.run_once()
-            except DB_ERRORS as exc:
+            except db.UNAVAILABLE_ERRORS as exc:
                 log.error("recovery_failed", error=str(exc), error_type=type(exc).__name__)
 
     async def run_once(self) -> RecoveryResult:
         """Take back expired leases, then settle in-doubt recipients per service."""
         batches = released = in_doubt = 0
         while True:
-            row = await self._pool.fetchrow(self._queries["recover_expired_batches"], BATCH_CHUNK)
+            row = await self._pool.fetchrow(self._queries["recovery_expired_batches"], BATCH_CHUNK)
             assert row is not None
             batches += row["batches"]
             released += row["released"]
@@ -89,7 +88,7 @@ class Recovery:
             grace_s = service.in_doubt_grace_s if service.on_timeout == "resolve" else 0.0
             while True:
                 statuses = await self._pool.fetch(
-                    self._queries["resolve_unknown"],
+                    self._queries["recovery_resolve_unknown"],
                     name,
                     grace_s,
                     service.on_timeout == "fail",
@@ -114,7 +113,7 @@ class Recovery:
 
     async def release_worker(self) -> RecoveryResult:
         """At shutdown: this worker's unsent batches back to pending, in-flight ones in doubt."""
-        row = await self._pool.fetchrow(self._queries["release_worker_batches"], self._worker_id)
+        row = await self._pool.fetchrow(self._queries["recovery_release_worker"], self._worker_id)
         assert row is not None
         result = RecoveryResult(row["batches"], row["released"], row["in_doubt"])
         if result:
@@ -129,4 +128,4 @@ class Recovery:
 
     async def work_remaining(self, services: list[str]) -> bool:
         """Whether drain mode must wait: due, in-flight or in-doubt rows on these services."""
-        return bool(await self._pool.fetchval(self._queries["work_remaining"], services))
+        return bool(await self._pool.fetchval(self._queries["recovery_work_remaining"], services))

@@ -17,17 +17,18 @@ from typing import Any, Literal, TypeVar
 import orjson
 
 from campaign import sms
+from campaign.statuses import RecipientStatus
 
 _Item = TypeVar("_Item")
 
 # The code -> recipient status table, the only place it exists. The reconciler passes it
 # to its SQL as parameters. `queued` marks an interim report: the message is on its way,
 # the recipient keeps waiting for a final one.
-DELIVERED = "delivered"
-EXPIRED = "expired"
-FAILED = "failed"
-INTERIM = "queued"
-CODE_STATUS: Mapping[str, str] = {"7500": DELIVERED, "7208": EXPIRED, "7501": INTERIM}
+DELIVERED: RecipientStatus = "delivered"
+EXPIRED: RecipientStatus = "expired"
+FAILED: RecipientStatus = "failed"
+INTERIM: RecipientStatus = "queued"
+CODE_STATUS: Mapping[str, RecipientStatus] = {"7500": DELIVERED, "7208": EXPIRED, "7501": INTERIM}
 # Every code not in the table is a final failure (7004, 7101, 7201, ... and any new one).
 OTHER_CODE_STATUS = FAILED
 

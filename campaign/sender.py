@@ -22,12 +22,13 @@ import aiohttp
 import structlog
 
 from campaign import db, errors, metrics
+from campaign.batch import Batch, Lane
 from campaign.config import ApiSettings, OnTimeout, ProducerSettings
-from campaign.producer import DB_ERRORS, Batch, Lane
+from campaign.statuses import BatchStatus, RecipientStatus
 
 log = structlog.get_logger(__name__)
 
-QUERIES = ("mark_posting", "write_results", "release_batch")
+QUERIES = ("sender_mark_posting", "sender_write_results", "sender_release_batch")
 MESSAGING_PATH = "/resources/v1/messaging"
 # Writing results is retried this many times (1 s, 2 s, 4 s apart) before the batch is
 # left to crash recovery, which can only call it in doubt.
@@ -77,9 +78,9 @@ class Backoff:
 class Plan:
     """Every recipient's new state, as the columns write_results takes, and the batch's."""
 
-    batch_status: str
+    batch_status: BatchStatus
     ids: list[int] = field(default_factory=list)
-    statuses: list[str] = field(default_factory=list)
+    statuses: list[RecipientStatus] = field(default_factory=list)
     transids: list[str | None] = field(default_factory=list)
     error_codes: list[str | None] = field(default_factory=list)
     error_messages: list[str | None] = field(default_factory=list)
@@ -89,7 +90,7 @@ class Plan:
     def add(
         self,
         recipient_id: int,
-        status: str,
+        status: RecipientStatus,
         *,
         transid: str | None = None,
         error_code: str | None = None,
@@ -105,11 +106,11 @@ class Plan:
         self.retry_in_s.append(retry_in_s)
         self.attempts_added.append(attempts_added)
 
-    def count(self, status: str) -> int:
+    def count(self, status: RecipientStatus) -> int:
         return self.statuses.count(status)
 
 
-_BATCH_STATUS = {
+_BATCH_STATUS: dict[errors.Kind, BatchStatus] = {
     "ok": "done",
     "rejected": "done",
     "retry": "retry",
@@ -289,9 +290,12 @@ class Sender:
             return None
         try:
             posted = await self._pool.fetchval(
-                self._queries["mark_posting"], batch.id, self._worker_id, self._posting_lease_s
+                self._queries["sender_mark_posting"],
+                batch.id,
+                self._worker_id,
+                self._posting_lease_s,
             )
-        except DB_ERRORS as exc:
+        except db.UNAVAILABLE_ERRORS as exc:
             blog.error("batch_not_posted", error=str(exc), error_type=type(exc).__name__)
             return None
         if posted is None:
@@ -456,9 +460,9 @@ class Sender:
         )
         for attempt in range(WRITE_ATTEMPTS):
             try:
-                await self._pool.fetchval(self._queries["write_results"], *args)
+                await self._pool.fetchval(self._queries["sender_write_results"], *args)
                 return
-            except DB_ERRORS as exc:
+            except db.UNAVAILABLE_ERRORS as exc:
                 blog.error(
                     "results_write_failed",
                     error=str(exc),
@@ -470,8 +474,10 @@ class Sender:
 
     async def _release(self, batch: Batch, code: str, message: str, blog: Any) -> None:
         try:
-            await self._pool.fetchval(self._queries["release_batch"], batch.id, code, message)
-        except DB_ERRORS as exc:
+            await self._pool.fetchval(
+                self._queries["sender_release_batch"], batch.id, code, message
+            )
+        except db.UNAVAILABLE_ERRORS as exc:
             # The lease runs out and recovery returns the rows to pending instead.
             blog.error("batch_release_failed", error=str(exc), error_type=type(exc).__name__)
 

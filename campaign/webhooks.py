@@ -35,7 +35,7 @@ from campaign.reports import DeliveryReport, IncomingMessage, ParseError
 
 log = structlog.get_logger(__name__)
 
-QUERY_NAMES = ("webhook_insert_reports", "webhook_store_incoming", "webhook_insert_reject")
+QUERIES = ("webhook_insert_reports", "webhook_store_incoming", "webhook_insert_reject")
 
 KINDS = ("dr", "mo")
 SIGNATURE_HEADER = "X-Hub-Signature"
@@ -44,8 +44,16 @@ SIGNATURE_HEADER = "X-Hub-Signature"
 # database. The parser should make these impossible; if one slips through, only the request
 # that carries it is refused instead of every request sharing its group.
 _DATA_SQLSTATE_CLASSES = ("22", "23")
-_DATABASE_ERRORS = db.UNAVAILABLE_ERRORS
 _RETRY_AFTER_S = "5"
+# The routes: POST {WEBHOOK_PREFIX}/dr/{token} and {WEBHOOK_PREFIX}/mo/{token}.
+WEBHOOK_PREFIX = "/webhooks"
+
+
+def notify_url(public_url: str, token: str) -> str | None:
+    """The `notifyurl` sent with every request: this receiver's DR route; None without a token."""
+    if not token:
+        return None
+    return f"{public_url.rstrip('/')}{WEBHOOK_PREFIX}/dr/{token}"
 
 
 class DatabaseUnavailable(Exception):
@@ -53,7 +61,7 @@ class DatabaseUnavailable(Exception):
 
 
 # Answered 503: the platform sends the body again later.
-_UNAVAILABLE: tuple[type[Exception], ...] = (DatabaseUnavailable, *_DATABASE_ERRORS)
+_UNAVAILABLE: tuple[type[Exception], ...] = (DatabaseUnavailable, *db.UNAVAILABLE_ERRORS)
 
 
 class StoreRefused(Exception):
@@ -200,7 +208,7 @@ class GroupCommitter:
                 "webhook_store_failed",
                 error=str(exc),
                 error_type=type(exc).__name__,
-                exc_info=not isinstance(exc, _DATABASE_ERRORS),
+                exc_info=not isinstance(exc, db.UNAVAILABLE_ERRORS),
             )
 
     async def _insert(self, items: list[DeliveryReport]) -> int:
@@ -253,7 +261,7 @@ class WebhookServer:
         self._pool = pool
         self._settings = settings
         self._optout = optout
-        self._queries = db.require(queries, QUERY_NAMES)
+        self._queries = db.require(queries, QUERIES)
         self._token = settings.token.encode()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
         self.stats = WebhookStats()
@@ -265,9 +273,9 @@ class WebhookServer:
     def create_app(self) -> web.Application:
         app = web.Application(client_max_size=self._settings.max_body_bytes)
         app.cleanup_ctx.append(self._flusher)
-        app.router.add_post("/webhooks/{kind:dr|mo}", self._missing_token)
-        app.router.add_post("/webhooks/{kind:dr|mo}/", self._missing_token)
-        app.router.add_post("/webhooks/{kind:dr|mo}/{token}", self._webhook)
+        app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}", self._missing_token)
+        app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}/", self._missing_token)
+        app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}/{token}", self._webhook)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         return app
@@ -468,7 +476,7 @@ class WebhookServer:
                         request.remote,
                         body,
                     )
-        except _DATABASE_ERRORS as exc:
+        except db.UNAVAILABLE_ERRORS as exc:
             # Not kept, so not refused: a 503 makes the platform send it again.
             return self._unavailable(kind, exc)
         self.stats.rejected += 1
@@ -490,7 +498,7 @@ class WebhookServer:
                 async with self._pool.acquire() as conn:
                     # A pool connection proxies every Connection method db uses.
                     have = await db.schema_version(cast(db.Connection, conn))
-        except _DATABASE_ERRORS:
+        except db.UNAVAILABLE_ERRORS:
             return web.json_response({"status": "database_unavailable"}, status=503)
         body = {"status": "ok", "schema_version": have, "expected_schema_version": want}
         if have != want:

@@ -23,12 +23,13 @@ from collections.abc import Mapping
 import structlog
 
 from campaign import config, db, metrics
+from campaign.batch import Lane
 from campaign.fleet import Fleet
-from campaign.producer import DB_ERRORS, Lane, Producer, notify_url
+from campaign.producer import Producer
 from campaign.reconciler import Reconciler
 from campaign.recovery import Recovery
 from campaign.sender import Sender, create_session, sessions_needed
-from campaign.webhooks import WebhookServer
+from campaign.webhooks import WebhookServer, notify_url
 
 log = structlog.get_logger(__name__)
 
@@ -231,7 +232,7 @@ class Worker:
             waiting: int | None = None
             try:
                 row = await pool.fetchrow(queries["worker_report_lag"])
-            except DB_ERRORS as exc:
+            except db.UNAVAILABLE_ERRORS as exc:
                 log.warning("stats_query_failed", error=str(exc), error_type=type(exc).__name__)
             else:
                 assert row is not None
@@ -282,7 +283,7 @@ class Worker:
             active = [name for name, lane in self.lanes.items() if not lane.stopped]
             try:
                 remaining = bool(active) and await recovery.work_remaining(active)
-            except DB_ERRORS as exc:
+            except db.UNAVAILABLE_ERRORS as exc:
                 log.error("drain_check_failed", error=str(exc), error_type=type(exc).__name__)
                 continue
             if not remaining:
@@ -293,7 +294,7 @@ class Worker:
     async def _release(self, recovery: Recovery) -> None:
         try:
             await recovery.release_worker()
-        except DB_ERRORS as exc:
+        except db.UNAVAILABLE_ERRORS as exc:
             # The leases run out and another worker's recovery does the same.
             log.error("batches_not_released", error=str(exc), error_type=type(exc).__name__)
 
@@ -321,9 +322,8 @@ async def cmd_webhooks(args: argparse.Namespace, settings: config.Settings) -> i
 
 async def _serve(settings: config.Settings, *, roles: Roles, drain: bool) -> int:
     """Run a worker until it stops; SIGTERM / SIGINT stop it, a second one exits at once."""
-    from campaign.cli import database
 
-    async with database(settings) as dsn:
+    async with db.database(settings) as dsn:
         worker = Worker(settings=settings, dsn=dsn, drain=drain, roles=roles)
         loop = asyncio.get_running_loop()
 

@@ -1,13 +1,13 @@
 -- The producer: picks the campaign to serve, claims a batch of its pending recipients under
 -- a lease, records what rendering found, and sweeps pending rows that can no longer be sent.
 
--- name: next_campaign
+-- name: producer_next_campaign
 -- The campaign the next batch comes from: runnable (ready or running, send_after passed,
 -- not expired), on a service this worker sends for and has room for, with at least one
 -- recipient due now; highest priority first, then oldest. Campaigns a concurrent claimer
 -- just emptied are passed in $2 so one pass does not spin on them.
 -- $1 services (text[]), $2 campaign ids to skip (bigint[]), $3 jsonb object: campaign id ->
--- recipient id this worker has claimed up to (see claim_batch), so the probe starts there.
+-- recipient id this worker has claimed up to (see producer_claim_batch), so the probe starts there.
 SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.priority,
        c.expires_at, c.callback_data
   FROM campaign.campaigns c
@@ -32,11 +32,11 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
  ORDER BY c.priority DESC, c.id
  LIMIT 1;
 
--- name: claim_batch
+-- name: producer_claim_batch
 -- Claim up to $2 due recipients of one campaign, oldest first, for this worker: a batches
 -- row holds the lease, the recipients move to 'sending' with its id. SKIP LOCKED lets two
 -- workers claim from one campaign at once without ever taking the same row; the campaign
--- check is repeated here so a pause or cancel committed since next_campaign wins. A ready
+-- check is repeated here so a pause or cancel committed since producer_next_campaign wins. A ready
 -- campaign becomes running on its first claim. No row is returned when nothing was due.
 -- $1 campaign id, $2 batch size, $3 service, $4 worker id, $5 lease seconds, $6 the
 -- highest recipient id this worker claimed from the campaign so far (0: from the start).
@@ -81,15 +81,15 @@ UPDATE campaign.recipients r
  WHERE r.id = picked.id
 RETURNING r.id, r.batch_id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts;
 
--- name: suppressed_numbers
+-- name: producer_suppressed_numbers
 -- Which of these E.164 numbers (with '+') are opted out.
 -- $1 numbers (text[])
 SELECT msisdn FROM campaign.suppressions WHERE msisdn = ANY($1::text[]);
 
--- name: prepare_recipients
+-- name: producer_prepare_recipients
 -- Give the claimed rows that must not be sent (invalid / suppressed) their final status
 -- and reason in one statement; they leave the batch. Rows still to send are not touched
--- here: their number, encoding and parts are written with their results (write_results),
+-- here: their number, encoding and parts are written with their results (sender_write_results),
 -- so a sent row is written twice, not three times. The batch keeps the count still to
 -- send and is closed at once when that is zero (nothing will be posted). Only called
 -- when there is at least one such row.
@@ -119,7 +119,7 @@ UPDATE campaign.batches b
  WHERE b.id = $1
 RETURNING b.destinations;
 
--- name: cancel_pending
+-- name: producer_cancel_pending
 -- Unsent recipients of cancelled campaigns become 'cancelled'; rows in flight finish.
 -- Bounded per call so a huge campaign does not hold one long transaction; call again
 -- while it returns $1.
@@ -137,9 +137,9 @@ UPDATE campaign.recipients r
   FROM doomed
  WHERE r.id = doomed.id;
 
--- name: expire_pending
+-- name: producer_expire_pending
 -- Unsent recipients of campaigns past expires_at become 'expired': the API would refuse
--- them (7005) and a late message is worse than none. Bounded like cancel_pending.
+-- them (7005) and a late message is worse than none. Bounded like producer_cancel_pending.
 -- $1 maximum rows
 WITH doomed AS (
     SELECT r.id
@@ -156,7 +156,7 @@ UPDATE campaign.recipients r
   FROM doomed
  WHERE r.id = doomed.id;
 
--- name: unknown_service_campaigns
+-- name: producer_unknown_service_campaigns
 -- Runnable campaigns with pending recipients on a service this worker has no settings
 -- for. They are not touched (another worker may send for that service); the producer
 -- logs each once so a typo in `service` does not leave a campaign waiting in silence.
@@ -165,7 +165,7 @@ SELECT c.id, c.service
   FROM campaign.campaigns c
  WHERE c.status IN ('ready', 'running')
    AND NOT c.service = ANY($1::text[])
-   -- The same index-only probe as next_campaign: one pending row is enough.
+   -- The same index-only probe as producer_next_campaign: one pending row is enough.
    AND (SELECT r.id
           FROM campaign.recipients r
          WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id AND r.status = 'pending'
@@ -174,10 +174,10 @@ SELECT c.id, c.service
  ORDER BY c.id
  LIMIT 100;
 
--- name: renew_leases
+-- name: producer_renew_leases
 -- Keep the leases of batches this worker claimed and has not posted yet (waiting in its
 -- queue or for the rate limiter), so a long wait never lets recovery take them back.
--- Posted batches are not touched: mark_posting gave them a lease for the request.
+-- Posted batches are not touched: sender_mark_posting gave them a lease for the request.
 -- $1 batch ids (bigint[]), $2 worker id, $3 lease seconds
 UPDATE campaign.batches
    SET lease_until = now() + make_interval(secs => $3)

@@ -1,9 +1,9 @@
 -- Crash recovery: batches whose worker died or stopped, and recipients left in doubt.
 
--- name: recover_expired_batches
+-- name: recovery_expired_batches
 -- Batches whose lease ran out (their worker died or hung). A 'claimed' batch never left:
 -- its recipients go back to 'pending'. A 'posting' batch may have reached the API: its
--- recipients become 'unknown' with the attempt counted, and resolve_unknown decides
+-- recipients become 'unknown' with the attempt counted, and recovery_resolve_unknown decides
 -- (wait for a report, resend or fail). SKIP LOCKED: a live worker writing results wins.
 -- $1 maximum batches per call
 WITH expired AS (
@@ -37,8 +37,8 @@ SELECT (SELECT count(*) FROM closed) AS batches,
        count(*) FILTER (WHERE was = 'posting') AS in_doubt
   FROM moved;
 
--- name: release_worker_batches
--- At shutdown, this worker's open batches, whatever their lease: as recover_expired_batches
+-- name: recovery_release_worker
+-- At shutdown, this worker's open batches, whatever their lease: as recovery_expired_batches
 -- ('claimed' -> recipients 'pending'; 'posting', whose results could not be written ->
 -- 'unknown'), so a restart does not wait for the lease.
 -- $1 worker id
@@ -71,7 +71,7 @@ SELECT (SELECT count(*) FROM closed) AS batches,
        count(*) FILTER (WHERE was = 'posting') AS in_doubt
   FROM moved;
 
--- name: resolve_unknown
+-- name: recovery_resolve_unknown
 -- Recipients of one service left 'unknown' (in doubt) for $2 seconds without a delivery
 -- report resolving them: back to 'pending' to be sent again, or 'failed' when the service
 -- says on_timeout = "fail" or their attempts are used up. Bounded per call.
@@ -95,7 +95,7 @@ UPDATE campaign.recipients r
  WHERE r.id = due.id
 RETURNING r.status;
 
--- name: work_remaining
+-- name: recovery_work_remaining
 -- Whether drain mode must keep going: rows in flight or in doubt, or pending rows of
 -- runnable (or cancelled, not yet swept) campaigns whose send_after has passed, on the
 -- services this worker sends for.

@@ -1,7 +1,7 @@
 -- The senders: mark a batch as possibly sent just before its request, then write every
 -- recipient's outcome and close the batch in one statement.
 
--- name: mark_posting
+-- name: sender_mark_posting
 -- Just before the POST: from here on crash recovery must treat the batch as possibly sent
 -- (its recipients become 'unknown', never silently 'pending'). The lease is renewed for the
 -- request's duration. No row means the lease was lost (recovery released the batch, its
@@ -12,7 +12,7 @@ UPDATE campaign.batches
  WHERE id = $1 AND worker_id = $2 AND status = 'claimed'
 RETURNING id;
 
--- name: write_results
+-- name: sender_write_results
 -- Every recipient's outcome (matched by correlation id in the caller), and the batch
 -- closed, in one statement, so the lease ends exactly when the results are stored.
 -- Rows are touched only while still in this batch and in flight ('sending', or 'unknown'
@@ -64,7 +64,7 @@ UPDATE campaign.batches
  WHERE id = $1
 RETURNING (SELECT count(*) FROM updated) AS recipients;
 
--- name: release_batch
+-- name: sender_release_batch
 -- Give back a batch that was never posted (service stopped, worker stopping): its
 -- recipients return to 'pending' untouched, attempts unchanged.
 -- $1 batch id, $2 error code (why), $3 error message

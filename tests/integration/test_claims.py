@@ -30,11 +30,13 @@ async def claim(
     lease_s: float = 60.0,
     after: int = 0,
 ) -> list[asyncpg.Record]:
-    return await conn.fetch(q["claim_batch"], campaign_id, size, "default", worker, lease_s, after)
+    return await conn.fetch(
+        q["producer_claim_batch"], campaign_id, size, "default", worker, lease_s, after
+    )
 
 
 async def next_id(conn: asyncpg.Connection, q: Mapping[str, str], skip: list[int] | None = None):
-    row = await conn.fetchrow(q["next_campaign"], ["default"], skip or [], {})
+    row = await conn.fetchrow(q["producer_next_campaign"], ["default"], skip or [], {})
     return None if row is None else row["id"]
 
 
@@ -191,7 +193,7 @@ async def test_concurrent_claimers_partition_the_rows(pool, q) -> None:
 
 async def test_suppressed_numbers(conn, q) -> None:
     await conn.execute("INSERT INTO campaign.suppressions (msisdn) VALUES ('+919800000001')")
-    rows = await conn.fetch(q["suppressed_numbers"], ["+919800000001", "+919800000002"])
+    rows = await conn.fetch(q["producer_suppressed_numbers"], ["+919800000001", "+919800000002"])
     assert [r["msisdn"] for r in rows] == ["+919800000001"]
 
 
@@ -202,7 +204,7 @@ async def test_prepare_recipients_records_final_statuses(conn, q) -> None:
     batch_id = rows[0]["batch_id"]
     # Only the rows that must not be sent are passed; the first one stays in the batch.
     left = await conn.fetchval(
-        q["prepare_recipients"],
+        q["producer_prepare_recipients"],
         batch_id,
         ids[1:],
         ["invalid", "suppressed"],
@@ -231,7 +233,7 @@ async def test_prepare_recipients_closes_a_batch_with_nothing_to_send(conn, q) -
     ids = await add_recipients(conn, cid, numbers(2))
     batch_id = (await claim(conn, q, cid))[0]["batch_id"]
     left = await conn.fetchval(
-        q["prepare_recipients"],
+        q["producer_prepare_recipients"],
         batch_id,
         ids,
         ["invalid", "invalid"],
@@ -264,9 +266,9 @@ async def test_cancel_and_expire_sweeps(conn, q) -> None:
     alive = await create_campaign(conn)
     await add_recipients(conn, alive, numbers(2))
 
-    assert await conn.execute(q["cancel_pending"], 1) == "UPDATE 1"
-    assert await conn.execute(q["cancel_pending"], 100) == "UPDATE 1"
-    assert await conn.execute(q["expire_pending"], 100) == "UPDATE 2"
+    assert await conn.execute(q["producer_cancel_pending"], 1) == "UPDATE 1"
+    assert await conn.execute(q["producer_cancel_pending"], 100) == "UPDATE 1"
+    assert await conn.execute(q["producer_expire_pending"], 100) == "UPDATE 2"
     assert await statuses(conn, cancelled) == {"sending": 1, "cancelled": 2}
     assert await statuses(conn, expired) == {"expired": 2}
     assert await statuses(conn, alive) == {"pending": 2}
@@ -279,22 +281,22 @@ async def test_mark_posting_only_for_the_owner_of_a_claimed_batch(conn, q) -> No
     cid = await create_campaign(conn)
     await add_recipients(conn, cid, numbers(2))
     batch_id = (await claim(conn, q, cid, worker="w1"))[0]["batch_id"]
-    assert await conn.fetchval(q["mark_posting"], batch_id, "someone-else", 30.0) is None
-    assert await conn.fetchval(q["mark_posting"], batch_id, "w1", 30.0) == batch_id
+    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "someone-else", 30.0) is None
+    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0) == batch_id
     batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
     assert batch["status"] == "posting"
     assert batch["posted_at"] is not None
     # Already posting: a second POST of the same batch is refused.
-    assert await conn.fetchval(q["mark_posting"], batch_id, "w1", 30.0) is None
+    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0) is None
 
 
 async def test_write_results_stores_every_outcome_and_closes_the_batch(conn, q) -> None:
     cid = await create_campaign(conn)
     ids = await add_recipients(conn, cid, numbers(4))
     batch_id = (await claim(conn, q, cid))[0]["batch_id"]
-    await conn.fetchval(q["mark_posting"], batch_id, "w1", 30.0)
+    await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0)
     updated = await conn.fetchval(
-        q["write_results"],
+        q["sender_write_results"],
         batch_id,
         {
             "id": ids,
@@ -359,7 +361,7 @@ async def test_write_results_leaves_rows_no_longer_in_the_batch(conn, q) -> None
     # A delivery report already settled the first one (e.g. resolved while 'unknown').
     await conn.execute("UPDATE campaign.recipients SET status = 'delivered' WHERE id = $1", ids[0])
     updated = await conn.fetchval(
-        q["write_results"],
+        q["sender_write_results"],
         batch_id,
         {
             "id": ids,
@@ -390,7 +392,9 @@ async def test_release_batch_returns_rows_untouched(conn, q) -> None:
     cid = await create_campaign(conn)
     await add_recipients(conn, cid, numbers(3))
     batch_id = (await claim(conn, q, cid))[0]["batch_id"]
-    assert await conn.fetchval(q["release_batch"], batch_id, "service_stopped", "stopped") == 3
+    assert (
+        await conn.fetchval(q["sender_release_batch"], batch_id, "service_stopped", "stopped") == 3
+    )
     assert await statuses(conn, cid) == {"pending": 3}
     assert await conn.fetchval("SELECT sum(attempts) FROM campaign.recipients") == 0
     batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
@@ -405,11 +409,11 @@ async def test_recover_expired_batches(conn, q) -> None:
     await add_recipients(conn, cid, numbers(6))
     claimed = (await claim(conn, q, cid, 2, lease_s=0.0))[0]["batch_id"]
     posting = (await claim(conn, q, cid, 2, lease_s=0.0))[0]["batch_id"]
-    await conn.fetchval(q["mark_posting"], posting, "w1", 0.0)
+    await conn.fetchval(q["sender_mark_posting"], posting, "w1", 0.0)
     live = (await claim(conn, q, cid, 2, lease_s=60.0))[0]["batch_id"]
     await asyncio.sleep(0.01)
 
-    row = await conn.fetchrow(q["recover_expired_batches"], 100)
+    row = await conn.fetchrow(q["recovery_expired_batches"], 100)
     assert dict(row) == {"batches": 2, "released": 2, "in_doubt": 2}
     by_batch = await conn.fetch(
         "SELECT batch_id, status, attempts, error_code FROM campaign.recipients "
@@ -426,7 +430,7 @@ async def test_recover_expired_batches(conn, q) -> None:
     ]
     batch_status = dict(await conn.fetch("SELECT id, status FROM campaign.batches"))
     assert batch_status == {claimed: "released", posting: "abandoned", live: "claimed"}
-    assert dict(await conn.fetchrow(q["recover_expired_batches"], 100)) == {
+    assert dict(await conn.fetchrow(q["recovery_expired_batches"], 100)) == {
         "batches": 0,
         "released": 0,
         "in_doubt": 0,
@@ -438,9 +442,9 @@ async def test_release_worker_batches_only_touches_that_worker(conn, q) -> None:
     await add_recipients(conn, cid, numbers(6))
     mine_claimed = (await claim(conn, q, cid, 2, worker="me"))[0]["batch_id"]
     mine_posting = (await claim(conn, q, cid, 2, worker="me"))[0]["batch_id"]
-    await conn.fetchval(q["mark_posting"], mine_posting, "me", 60.0)
+    await conn.fetchval(q["sender_mark_posting"], mine_posting, "me", 60.0)
     (await claim(conn, q, cid, 2, worker="other"))[0]["batch_id"]
-    row = await conn.fetchrow(q["release_worker_batches"], "me")
+    row = await conn.fetchrow(q["recovery_release_worker"], "me")
     assert dict(row) == {"batches": 2, "released": 2, "in_doubt": 2}
     assert await statuses(conn, cid) == {"pending": 2, "unknown": 2, "sending": 2}
     assert await conn.fetchval(
@@ -462,14 +466,14 @@ async def _unknown_rows(conn, q, count: int, *, attempts: int = 1) -> int:
 
 async def test_resolve_unknown_waits_for_the_grace_period(conn, q) -> None:
     cid = await _unknown_rows(conn, q, 2)
-    assert await conn.fetch(q["resolve_unknown"], "default", 60.0, False, 5, 100) == []
+    assert await conn.fetch(q["recovery_resolve_unknown"], "default", 60.0, False, 5, 100) == []
     assert await statuses(conn, cid) == {"unknown": 2}
     await conn.execute(
         "UPDATE campaign.recipients SET updated_at = now() - interval '61 seconds' "
         "WHERE campaign_id = $1",
         cid,
     )
-    rows = await conn.fetch(q["resolve_unknown"], "default", 60.0, False, 5, 100)
+    rows = await conn.fetch(q["recovery_resolve_unknown"], "default", 60.0, False, 5, 100)
     assert [r["status"] for r in rows] == ["pending", "pending"]
     assert await statuses(conn, cid) == {"pending": 2}
     # The last error is kept for whoever looks at a row that keeps failing.
@@ -483,20 +487,20 @@ async def test_resolve_unknown_waits_for_the_grace_period(conn, q) -> None:
 
 async def test_resolve_unknown_fails_when_told_or_out_of_attempts(conn, q) -> None:
     exhausted = await _unknown_rows(conn, q, 2, attempts=5)
-    rows = await conn.fetch(q["resolve_unknown"], "default", 0.0, False, 5, 100)
+    rows = await conn.fetch(q["recovery_resolve_unknown"], "default", 0.0, False, 5, 100)
     assert [r["status"] for r in rows] == ["failed", "failed"]
     assert await statuses(conn, exhausted) == {"failed": 2}
     told = await _unknown_rows(conn, q, 1)
-    await conn.fetch(q["resolve_unknown"], "default", 0.0, True, 5, 100)
+    await conn.fetch(q["recovery_resolve_unknown"], "default", 0.0, True, 5, 100)
     assert await statuses(conn, told) == {"failed": 1}
     other_service = await _unknown_rows(conn, q, 1)
     await conn.execute("UPDATE campaign.campaigns SET service = 'x' WHERE id = $1", other_service)
-    await conn.fetch(q["resolve_unknown"], "default", 0.0, True, 5, 100)
+    await conn.fetch(q["recovery_resolve_unknown"], "default", 0.0, True, 5, 100)
     assert await statuses(conn, other_service) == {"unknown": 1}
 
 
 async def test_work_remaining(conn, q) -> None:
-    assert await conn.fetchval(q["work_remaining"], ["default"]) is False
+    assert await conn.fetchval(q["recovery_work_remaining"], ["default"]) is False
     later = await create_campaign(conn)
     await conn.execute(
         "UPDATE campaign.campaigns SET send_after = now() + interval '1 hour' WHERE id = $1", later
@@ -504,20 +508,20 @@ async def test_work_remaining(conn, q) -> None:
     await add_recipients(conn, later, numbers(1))
     paused = await create_campaign(conn, status="paused")
     await add_recipients(conn, paused, numbers(1))
-    assert await conn.fetchval(q["work_remaining"], ["default"]) is False
+    assert await conn.fetchval(q["recovery_work_remaining"], ["default"]) is False
 
     cid = await create_campaign(conn)
     await add_recipients(conn, cid, numbers(1))
-    assert await conn.fetchval(q["work_remaining"], ["default"]) is True
-    assert await conn.fetchval(q["work_remaining"], ["other"]) is False
+    assert await conn.fetchval(q["recovery_work_remaining"], ["default"]) is True
+    assert await conn.fetchval(q["recovery_work_remaining"], ["other"]) is False
     await conn.execute(
         "UPDATE campaign.recipients SET status = 'unknown' WHERE campaign_id = $1", cid
     )
-    assert await conn.fetchval(q["work_remaining"], ["default"]) is True
+    assert await conn.fetchval(q["recovery_work_remaining"], ["default"]) is True
     await conn.execute(
         "UPDATE campaign.recipients SET status = 'queued' WHERE campaign_id = $1", cid
     )
-    assert await conn.fetchval(q["work_remaining"], ["default"]) is False
+    assert await conn.fetchval(q["recovery_work_remaining"], ["default"]) is False
 
 
 async def test_claim_starts_after_the_given_recipient(conn, q) -> None:
@@ -526,5 +530,11 @@ async def test_claim_starts_after_the_given_recipient(conn, q) -> None:
     rows = await claim(conn, q, cid, size=5, after=ids[9])
     assert sorted(r["id"] for r in rows) == ids[10:15]
     # next_campaign looks for due rows after the same point.
-    assert await conn.fetchval(q["next_campaign"], ["default"], [], {str(cid): ids[-1]}) is None
-    assert await conn.fetchval(q["next_campaign"], ["default"], [], {str(cid): ids[-2]}) == cid
+    assert (
+        await conn.fetchval(q["producer_next_campaign"], ["default"], [], {str(cid): ids[-1]})
+        is None
+    )
+    assert (
+        await conn.fetchval(q["producer_next_campaign"], ["default"], [], {str(cid): ids[-2]})
+        == cid
+    )

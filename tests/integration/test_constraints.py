@@ -1,5 +1,9 @@
+import re
+
 import asyncpg
 import pytest
+
+from campaign import statuses
 
 
 async def _campaign(conn: asyncpg.Connection, **overrides: object) -> int:
@@ -138,3 +142,21 @@ async def test_recipients_added_to_a_completed_campaign_reopen_it(conn: asyncpg.
     by_id = {r["id"]: r for r in rows}
     assert by_id[done]["status"] == "running" and by_id[done]["completed_at"] is None
     assert by_id[other]["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("constraint", "vocabulary"),
+    [
+        ("recipients_status_check", statuses.RECIPIENT_STATUSES),
+        ("campaigns_status_check", statuses.CAMPAIGN_STATUSES),
+        ("batches_status_check", statuses.BATCH_STATUSES),
+    ],
+)
+async def test_status_checks_hold_the_vocabulary_of_statuses_py(
+    conn: asyncpg.Connection, constraint: str, vocabulary: tuple[str, ...]
+) -> None:
+    definition = await conn.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = $1", constraint
+    )
+    assert definition is not None, constraint
+    assert set(re.findall(r"'([a-z_]+)'::text", definition)) == set(vocabulary)

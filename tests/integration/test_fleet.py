@@ -14,8 +14,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from campaign import config, db
+from campaign.commands.prune import Pruner
 from campaign.fleet import Fleet, WorkerIdInUse
-from campaign.prune import Pruner
 from campaign.ratelimit import ServiceLimiter
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from campaign import importer
+from campaign.commands import importer
 
 
 async def _campaign(conn: asyncpg.Connection, status: str = "draft") -> int:

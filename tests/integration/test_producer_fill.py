@@ -10,7 +10,8 @@ import pytest
 
 from campaign import config, db
 from campaign import producer as producer_module
-from campaign.producer import Lane, Producer
+from campaign.batch import Lane
+from campaign.producer import Producer
 from tests.helpers.sending import add_recipients, create_campaign, numbers
 
 

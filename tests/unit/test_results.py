@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from campaign import errors, sms
-from campaign.producer import Batch, Claimed, normalise_all
+from campaign.batch import Batch
+from campaign.prepare import Claimed, normalise_all
 from campaign.sender import Backoff, claim_columns, plan_results
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

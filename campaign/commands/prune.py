@@ -116,10 +116,9 @@ class Pruner:
 
 async def cmd_prune(args: argparse.Namespace, settings: config.Settings) -> int:
     """`campaign prune`: delete what is past `[retention]`, then exit."""
-    from campaign.cli import database
 
     queries = db.load_queries()
-    async with database(settings) as dsn:
+    async with db.database(settings) as dsn:
         conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
         try:
             await db.check_schema(conn)

@@ -21,9 +21,8 @@ from typing import Any
 import structlog
 
 from campaign import config, db
-from campaign.reconciler import FINAL_STATUSES
 from campaign.simulator import SimulatorConfig, start_simulator
-from campaign.status import UNSENT
+from campaign.statuses import ACCEPTED, FINAL, UNSENT
 from campaign.worker import Worker
 
 log = structlog.get_logger("campaign.demo")
@@ -235,7 +234,7 @@ async def _follow(
     while time.monotonic() < deadline and not running.done():
         counts = await _counts(conn, campaign_id)
         unsent = sum(counts.get(s, 0) for s in UNSENT)
-        final = sum(counts.get(s, 0) for s in FINAL_STATUSES)
+        final = sum(counts.get(s, 0) for s in FINAL)
         if sent_s is None:
             if unsent == 0:
                 sent_s = sending.finish(total)
@@ -263,7 +262,7 @@ async def _follow(
     )
     assert stats is not None
     counts = await _counts(conn, campaign_id)
-    accepted = sum(counts.get(s, 0) for s in ("delivered", "failed", "expired", "queued"))
+    accepted = sum(counts.get(s, 0) for s in ACCEPTED)
     send_window_s = (
         (stats["last_sent"] - stats["first_sent"]).total_seconds() if stats["first_sent"] else 0.0
     )
@@ -289,19 +288,7 @@ def _print_summary(
         f"\ncampaign {campaign_id}: {'completed' if summary['completed'] else 'NOT completed'}\n\n"
     )
     out.write(f"  {'status':<11} {'recipients':>12} {'share':>7}\n")
-    for status in (
-        "delivered",
-        "failed",
-        "expired",
-        "rejected",
-        "invalid",
-        "suppressed",
-        "cancelled",
-        "queued",
-        "unknown",
-        "pending",
-        "sending",
-    ):
+    for status in (*FINAL, "queued", "unknown", "pending", "sending"):
         n = counts.get(status, 0)
         if n:
             out.write(f"  {status:<11} {n:>12,} {100.0 * n / total:>6.2f}%\n")
@@ -328,7 +315,6 @@ def _print_summary(
 
 
 async def run(args: argparse.Namespace, settings: config.Settings) -> int:
-    from campaign.cli import database
 
     if args.recipients < 10:
         print("campaign demo: --recipients must be at least 10", file=sys.stderr)
@@ -336,5 +322,5 @@ async def run(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.rate <= 0:
         print("campaign demo: --rate must be greater than 0", file=sys.stderr)
         return 2
-    async with database(settings) as dsn:
+    async with db.database(settings) as dsn:
         return await run_demo(dsn, settings, recipients=args.recipients, rate=args.rate)

@@ -13,21 +13,9 @@ from typing import Any
 import orjson
 
 from campaign import config, db
+from campaign.statuses import RECIPIENT_STATUSES, UNSENT
 
-STATUSES = (
-    "pending",
-    "sending",
-    "queued",
-    "unknown",
-    "delivered",
-    "failed",
-    "rejected",
-    "invalid",
-    "suppressed",
-    "expired",
-    "cancelled",
-)
-UNSENT = ("pending", "sending", "unknown")
+STATUSES = RECIPIENT_STATUSES
 QUERIES = ("status_campaigns", "status_activity")
 
 
@@ -55,7 +43,7 @@ async def collect(
     for row in rows:
         activity = await conn.fetchrow(queries["status_activity"], row["id"])
         assert activity is not None  # an aggregate query always returns one row
-        counts = {s: int(row["counts"].get(s, 0)) for s in STATUSES}
+        counts: dict[str, int] = {s: int(row["counts"].get(s, 0)) for s in STATUSES}
         rate = activity["sent_last_minute"] / 60.0
         unsent = sum(counts[s] for s in UNSENT)
         eta = unsent / rate if rate > 0 else None
@@ -120,10 +108,9 @@ def render(campaigns: Sequence[CampaignStatus]) -> str:
 
 
 async def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
-    from campaign.cli import database
 
     queries = db.require(db.load_queries(), QUERIES)
-    async with database(settings) as dsn:
+    async with db.database(settings) as dsn:
         conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
         try:
             await db.check_schema(conn)

@@ -158,11 +158,10 @@ class Progress:
 
 
 async def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int:
-    from campaign.cli import database
 
     path = Path(args.file)
     progress = Progress(path=path)
-    async with database(settings) as dsn:
+    async with db.database(settings) as dsn:
         conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
         try:
             await db.check_schema(conn)

@@ -1,0 +1,177 @@
+"""Per-recipient preparation, pure: what the producer decides for each claimed row.
+
+Normalise the number, drop opted-out numbers, render the text and check it: every row
+becomes either a destination still `sending` (with its number, encoding and parts) or a
+final status with a reason. No I/O here: the producer reads what these functions need
+(the suppressed numbers) and writes what they decide. A new sending policy (duplicates,
+caps, local-time windows) is one more step in `prepare`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from campaign import payload, sms
+from campaign.statuses import RecipientStatus
+
+
+class Row(Protocol):
+    """A database row as the claim returns it (an asyncpg Record), read by column name."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    id: int
+    service: str
+    sender_id: str
+    body: str | None
+    template_id: str | None
+    smartlinks: Mapping[str, Mapping[str, Any]]
+    priority: int
+    expires_at: datetime | None
+    callback_data: str | None
+
+    @classmethod
+    def from_record(cls, row: Row, *, default_sender_id: str) -> Campaign:
+        return cls(
+            id=row["id"],
+            service=row["service"],
+            sender_id=row["sender_id"] or default_sender_id,
+            body=row["body"],
+            template_id=row["template_id"],
+            smartlinks=payload.parse_smartlinks(row["smartlinks"]),
+            priority=row["priority"],
+            expires_at=row["expires_at"],
+            callback_data=row["callback_data"],
+        )
+
+
+# Per recipient, a thousand per batch: not frozen, whose __init__ costs three times as much.
+@dataclass(slots=True)
+class Claimed:
+    id: int
+    msisdn: str
+    variables: Mapping[str, Any]
+    correlation_id: str
+    attempts: int
+    # Set by an earlier attempt's results: the number was already normalised.
+    msisdn_e164: str | None = None
+
+
+# Per recipient, a thousand per batch: not frozen, whose __init__ costs three times as much.
+@dataclass(slots=True)
+class Prepared:
+    """A claimed row after the checks: still 'sending' with a destination, or final."""
+
+    id: int
+    status: RecipientStatus
+    msisdn_e164: str | None = None
+    encoding: str | None = None
+    parts: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    destination: payload.Destination | None = None
+    attempts: int = 0
+
+
+def normalise_all(
+    rows: Sequence[Claimed], *, default_region: str
+) -> list[str | sms.InvalidRecipient]:
+    """Each row's E.164 number, or why it has none."""
+    numbers: list[str | sms.InvalidRecipient] = []
+    for row in rows:
+        if row.msisdn_e164 is not None:
+            # A retry: phonenumbers already accepted this number (17 ms per 1000 rows).
+            numbers.append(row.msisdn_e164)
+            continue
+        try:
+            numbers.append(sms.normalise_msisdn(row.msisdn, default_region=default_region))
+        except sms.InvalidRecipient as exc:
+            numbers.append(exc)
+    return numbers
+
+
+def prepare(
+    campaign: Campaign,
+    rows: Sequence[Claimed],
+    numbers: Sequence[str | sms.InvalidRecipient],
+    *,
+    suppressed: Collection[str],
+    plus_prefix: bool,
+) -> list[Prepared]:
+    """Decide every claimed row: invalid, suppressed, or a destination with its text."""
+    prepared: list[Prepared] = []
+    for row, number in zip(rows, numbers, strict=True):
+        if isinstance(number, sms.InvalidRecipient):
+            prepared.append(
+                Prepared(
+                    id=row.id,
+                    status="invalid",
+                    error_code=number.code,
+                    error_message=number.message,
+                )
+            )
+            continue
+        if number in suppressed:
+            prepared.append(
+                Prepared(
+                    id=row.id,
+                    status="suppressed",
+                    msisdn_e164=number,
+                    error_code="suppressed",
+                    error_message="number opted out",
+                )
+            )
+            continue
+        msisdn = sms.api_msisdn(number, plus_prefix=plus_prefix)
+        if campaign.body is None:
+            # A template campaign: the platform holds the text, so there is nothing to count.
+            destination = payload.Destination(correlation_id=row.correlation_id, msisdn=msisdn)
+            prepared.append(
+                Prepared(
+                    id=row.id,
+                    status="sending",
+                    msisdn_e164=number,
+                    destination=destination,
+                    attempts=row.attempts,
+                )
+            )
+            continue
+        try:
+            rendered = sms.render(campaign.body, row.variables)
+            payload.check_links(rendered.link_ids, campaign.smartlinks)
+        except sms.InvalidRecipient as exc:
+            prepared.append(
+                Prepared(
+                    id=row.id,
+                    status="invalid",
+                    msisdn_e164=number,
+                    error_code=exc.code,
+                    error_message=exc.message,
+                )
+            )
+            continue
+        destination = payload.Destination(
+            correlation_id=row.correlation_id,
+            msisdn=msisdn,
+            text=rendered.text,
+            ucs2=rendered.encoding == "ucs2",
+            link_ids=rendered.link_ids,
+        )
+        prepared.append(
+            Prepared(
+                id=row.id,
+                status="sending",
+                msisdn_e164=number,
+                encoding=rendered.encoding,
+                parts=rendered.parts,
+                destination=destination,
+                attempts=row.attempts,
+            )
+        )
+    return prepared
