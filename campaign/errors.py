@@ -27,7 +27,7 @@ RETRY_CODES = frozenset({RATE_LIMITED, "7006"})
 STOP_CODES = frozenset({"7001", "7002", "7007"})
 
 
-# Per recipient, a thousand per batch: not frozen, whose __init__ costs three times as much.
+# Per recipient, a thousand per batch: not frozen, whose __init__ is slower (performance.md).
 @dataclass(slots=True)
 class DestinationResult:
     code: str
@@ -146,7 +146,7 @@ def classify(
     if http_status is None:
         raise ValueError("classify needs an HTTP status or an exception")
 
-    # Parsed once (a 1000-result answer costs about 0.7 ms): the request-level error object
+    # Parsed once (a 1000-result answer is not cheap): the request-level error object
     # names the code of a non-2xx answer, and a 2xx answer's results are read from it.
     parsed: list[DestinationResult] | DestinationResult | None = None
     parse_error: ResponseError | None = None

@@ -20,7 +20,6 @@ each other: the first may send at the full rate until its next heartbeat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import structlog
 
 from campaign import db
+from campaign.aio import sleep_or_stop
 from campaign.ratelimit import ServiceLimiter
 
 log = structlog.get_logger(__name__)
@@ -110,7 +110,7 @@ class Fleet:
                     "give each worker its own [worker] worker_id or --worker-id"
                 )
             log.warning("worker_id_in_use", worker_id=self._worker_id, retry_in_s=self._interval_s)
-            if await _wait(stop, self._interval_s):
+            if await sleep_or_stop(stop, self._interval_s):
                 return
         states = await self.heartbeat()
         if any(s.established_others for s in states):
@@ -123,13 +123,13 @@ class Fleet:
                 live_workers={s.service: s.live_workers for s in states},
                 wait_s=self._interval_s,
             )
-            if await _wait(stop, self._interval_s * 1.5):
+            if await sleep_or_stop(stop, self._interval_s * 1.5):
                 return
             await self.heartbeat()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Heartbeat every interval until `stop` is set; a failing database is retried."""
-        while not await _wait(stop, self._interval_s):
+        while not await sleep_or_stop(stop, self._interval_s):
             try:
                 await self.heartbeat()
             except db.UNAVAILABLE_ERRORS as exc:
@@ -221,10 +221,3 @@ class Fleet:
             return False
         log.info("fleet_joined", worker_id=self._worker_id, services=self._services)
         return True
-
-
-async def _wait(stop: asyncio.Event, timeout_s: float) -> bool:
-    """Sleep up to `timeout_s`; True when `stop` was set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=timeout_s)
-    return stop.is_set()

@@ -54,6 +54,37 @@ class _Claim:
     records: list[db.Record]
 
 
+async def claim_batch(
+    pool: db.Pool,
+    sql: str,
+    *,
+    campaign_id: int,
+    limit: int,
+    service: str,
+    worker_id: str,
+    lease_s: float,
+    after_id: int,
+) -> list[db.Record]:
+    """producer_claim_batch: up to `limit` due rows of one campaign with ids above
+    `after_id`, now `sending` in a new batch leased to this worker."""
+    return await pool.fetch(sql, campaign_id, limit, service, worker_id, lease_s, after_id)
+
+
+async def store_final(
+    conn: db.PoolConnection, sql: str, batch_id: int, final: Sequence[Prepared]
+) -> None:
+    """producer_prepare_recipients: the rows that will not be sent, with their reasons."""
+    await conn.fetchval(
+        sql,
+        batch_id,
+        [p.id for p in final],
+        [p.status for p in final],
+        [p.msisdn_e164 for p in final],
+        [p.error_code for p in final],
+        [p.error_message for p in final],
+    )
+
+
 class Producer:
     def __init__(
         self,
@@ -170,14 +201,15 @@ class Producer:
             start = self._after.pop(campaign.id, 0)
             lane.claiming += 1
             try:
-                records = await self._pool.fetch(
+                records = await claim_batch(
+                    self._pool,
                     self._queries["producer_claim_batch"],
-                    campaign.id,
-                    lane.limiter.max_batch,
-                    lane.name,
-                    self._worker_id,
-                    self._settings.lease_s,
-                    start,
+                    campaign_id=campaign.id,
+                    limit=lane.limiter.max_batch,
+                    service=lane.name,
+                    worker_id=self._worker_id,
+                    lease_s=self._settings.lease_s,
+                    after_id=start,
                 )
             except BaseException:
                 lane.claiming -= 1
@@ -223,14 +255,8 @@ class Producer:
             # Rows to send stay as claimed: their checks are written with their results.
             final = [p for p in prepared if p.destination is None]
             if final:
-                await conn.fetchval(
-                    self._queries["producer_prepare_recipients"],
-                    batch_id,
-                    [p.id for p in final],
-                    [p.status for p in final],
-                    [p.msisdn_e164 for p in final],
-                    [p.error_code for p in final],
-                    [p.error_message for p in final],
+                await store_final(
+                    conn, self._queries["producer_prepare_recipients"], batch_id, final
                 )
         ready = [p for p in prepared if p.destination is not None]
         log.info(

@@ -9,7 +9,6 @@ Reports for recipients the sender has not finished with wait, durably, in state 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from campaign import db, reports, statuses
+from campaign.aio import sleep_or_stop
 from campaign.config import ReconcilerSettings
 
 log = structlog.get_logger(__name__)
@@ -86,8 +86,7 @@ class Reconciler:
                 result = ReconcileResult()
             if result.full:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._settings.interval_s)
+            await sleep_or_stop(stop, self._settings.interval_s)
 
     async def run_once(self) -> ReconcileResult:
         """One pass: match, orphan, time out, complete. Each step commits on its own."""

@@ -11,13 +11,13 @@ them (another component matches reports by correlation id) and otherwise returns
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from campaign import db
+from campaign.aio import sleep_or_stop
 from campaign.config import ServiceSettings
 
 log = structlog.get_logger(__name__)
@@ -62,11 +62,7 @@ class Recovery:
 
     async def run(self, stop: asyncio.Event) -> None:
         """run_once every interval until `stop` is set."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._interval_s)
-            if stop.is_set():
-                return
+        while not await sleep_or_stop(stop, self._interval_s):
             try:
                 await self.run_once()
             except db.UNAVAILABLE_ERRORS as exc:

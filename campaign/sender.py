@@ -110,6 +110,38 @@ class Plan:
         return self.statuses.count(status)
 
 
+async def write_results(
+    pool: db.Pool,
+    sql: str,
+    *,
+    batch_id: int,
+    recipients: Mapping[str, object],
+    batch_status: BatchStatus,
+    destinations: int,
+    accepted: int,
+    rejected: int,
+    http_status: int | None,
+    error_code: str | None,
+    error_message: str | None,
+    duration_ms: int,
+) -> None:
+    """sender_write_results: every recipient's outcome (columns of equal length) and the
+    batch's, in one statement."""
+    await pool.fetchval(
+        sql,
+        batch_id,
+        recipients,
+        batch_status,
+        destinations,
+        accepted,
+        rejected,
+        http_status,
+        error_code,
+        error_message,
+        duration_ms,
+    )
+
+
 _BATCH_STATUS: dict[errors.Kind, BatchStatus] = {
     "ok": "done",
     "rejected": "done",
@@ -446,21 +478,22 @@ class Sender:
             "encoding": encodings,
             "parts": parts,
         }
-        args = (
-            batch.id,
-            recipients,
-            plan.batch_status,
-            batch.destinations,
-            plan.count("queued"),
-            plan.count("rejected"),
-            http_status,
-            None if outcome.kind == "ok" else outcome.code,
-            None if outcome.kind == "ok" else outcome.description,
-            duration_ms,
-        )
         for attempt in range(WRITE_ATTEMPTS):
             try:
-                await self._pool.fetchval(self._queries["sender_write_results"], *args)
+                await write_results(
+                    self._pool,
+                    self._queries["sender_write_results"],
+                    batch_id=batch.id,
+                    recipients=recipients,
+                    batch_status=plan.batch_status,
+                    destinations=batch.destinations,
+                    accepted=plan.count("queued"),
+                    rejected=plan.count("rejected"),
+                    http_status=http_status,
+                    error_code=None if outcome.kind == "ok" else outcome.code,
+                    error_message=None if outcome.kind == "ok" else outcome.description,
+                    duration_ms=duration_ms,
+                )
                 return
             except db.UNAVAILABLE_ERRORS as exc:
                 blog.error(

@@ -118,8 +118,8 @@ def normalise_msisdn(raw: str, *, default_region: str = "") -> str:
     raise InvalidRecipient("invalid_msisdn", f"{raw!r}: {reason}")
 
 
-# phonenumbers.parse and is_valid_number cost 5 to 35 us a number, most of a batch's
-# preparation; a campaign's numbers are almost always plain digits ('+' and country code,
+# phonenumbers.parse and is_valid_number are most of a batch's preparation
+# (docs/performance.md); a campaign's numbers are almost always plain digits ('+' and country code,
 # or national). For those the PhoneNumber that parse would build is built directly when no
 # rule of parse could change the digits (no leading zero, no national prefix or carrier
 # code, no international prefix, a national number not starting with its own country

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import os
 import signal
@@ -23,6 +22,7 @@ from collections.abc import Mapping
 import structlog
 
 from campaign import config, db, metrics
+from campaign.aio import sleep_or_stop
 from campaign.batch import Lane
 from campaign.fleet import Fleet
 from campaign.producer import Producer
@@ -221,8 +221,7 @@ class Worker:
         last = time.monotonic()
         last_accepted = last_rejected = last_reports = 0
         while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
+            await sleep_or_stop(self._stop, interval_s)
             now = time.monotonic()
             elapsed_s = max(now - last, 1e-9)
             accepted = sum(s.accepted for s in self.senders)
@@ -275,11 +274,7 @@ class Worker:
     async def _watch_drain(self, recovery: Recovery) -> None:
         """Drain mode: stop once nothing is due, in flight or in doubt on a live service."""
         interval_s = self._settings.producer.poll_interval_s
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
-            if self._stop.is_set():
-                return
+        while not await sleep_or_stop(self._stop, interval_s):
             active = [name for name, lane in self.lanes.items() if not lane.stopped]
             try:
                 remaining = bool(active) and await recovery.work_remaining(active)

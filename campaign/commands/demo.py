@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import socket
 import sys
 import time
@@ -26,6 +27,23 @@ from campaign.statuses import ACCEPTED, FINAL, UNSENT
 from campaign.worker import Worker
 
 log = structlog.get_logger("campaign.demo")
+
+QUERIES = (
+    "demo_create_campaign",
+    "demo_seed_recipients",
+    "demo_insert_recipient",
+    "demo_counts",
+    "demo_is_suppressed",
+    "demo_campaign_status",
+    "demo_delivery_stats",
+    "control_resume",
+)
+
+
+@functools.cache
+def _queries() -> Mapping[str, str]:
+    return db.require(db.load_queries(), QUERIES)
+
 
 SERVICE = "demo"
 SERVICE_KEY = "demo-service-key"
@@ -86,31 +104,12 @@ class Progress:
 
 async def _seed(conn: db.Connection, recipients: int) -> tuple[int, int]:
     """Create the campaign (draft) and its recipients; returns (campaign id, rows)."""
-    campaign_id = await conn.fetchval(
-        """
-        INSERT INTO campaign.campaigns (name, service, body, smartlinks, priority, expires_at,
-                                        callback_data)
-        VALUES ('demo ' || to_char(now(), 'YYYY-MM-DD HH24:MI:SS'), $1, $2,
-                '[{"linkid": 1, "validity": 1440}]', 3, now() + interval '1 day', 'demo')
-        RETURNING id
-        """,
-        SERVICE,
-        BODY,
-    )
+    campaign_id = await conn.fetchval(_queries()["demo_create_campaign"], SERVICE, BODY)
     good = max(recipients - len(BAD_NUMBERS) - 1, 0)
-    await conn.execute(
-        """
-        INSERT INTO campaign.recipients (campaign_id, msisdn, variables)
-        SELECT $1, '+9198' || lpad(g::text, 8, '0'),
-               jsonb_build_object('name', 'Customer ' || g, 'code', 'NOV' || (1000 + g))
-          FROM generate_series(1, $2::int) AS g
-        """,
-        campaign_id,
-        good,
-    )
+    await conn.execute(_queries()["demo_seed_recipients"], campaign_id, good)
     # Bad input a real list carries: malformed numbers, and a row without its variables.
     await conn.executemany(
-        "INSERT INTO campaign.recipients (campaign_id, msisdn, variables) VALUES ($1, $2, $3)",
+        _queries()["demo_insert_recipient"],
         [(campaign_id, n, {"name": "Bad", "code": "X"}) for n in BAD_NUMBERS]
         + [(campaign_id, _msisdn(good + 1), {"name": "No code"})],
     )
@@ -118,11 +117,7 @@ async def _seed(conn: db.Connection, recipients: int) -> tuple[int, int]:
 
 
 async def _counts(conn: db.Connection, campaign_id: int) -> dict[str, int]:
-    rows = await conn.fetch(
-        "SELECT status, count(*) AS n FROM campaign.recipients WHERE campaign_id = $1 "
-        "GROUP BY status",
-        campaign_id,
-    )
+    rows = await conn.fetch(_queries()["demo_counts"], campaign_id)
     return {r["status"]: int(r["n"]) for r in rows}
 
 
@@ -204,12 +199,8 @@ async def run_demo(dsn: str, settings: config.Settings, *, recipients: int, rate
                     message="STOP",
                     url=f"{worker.webhooks.url}/webhooks/mo/{TOKEN}",
                 )
-                await _wait_for(
-                    conn, "SELECT true FROM campaign.suppressions WHERE msisdn = $1", stop_number
-                )
-                await conn.execute(
-                    "UPDATE campaign.campaigns SET status = 'ready' WHERE id = $1", campaign_id
-                )
+                await _wait_for(conn, _queries()["demo_is_suppressed"], stop_number)
+                await conn.fetchrow(_queries()["control_resume"], campaign_id)
                 summary = await _follow(conn, campaign_id, total, running)
             finally:
                 worker.request_stop()
@@ -242,24 +233,13 @@ async def _follow(
                 sending.update(total - unsent)
         else:
             reports.update(final)
-        status = await conn.fetchval(
-            "SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id
-        )
+        status = await conn.fetchval(_queries()["demo_campaign_status"], campaign_id)
         if status == "completed":
             completed = True
             break
         await asyncio.sleep(0.25)
     reports_s = reports.finish(final)
-    stats = await conn.fetchrow(
-        """
-        SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
-                   (ORDER BY extract(epoch FROM dr_at - sent_at)) AS lag,
-               min(sent_at) AS first_sent, max(sent_at) AS last_sent
-          FROM campaign.recipients
-         WHERE campaign_id = $1 AND dr_at IS NOT NULL AND sent_at IS NOT NULL
-        """,
-        campaign_id,
-    )
+    stats = await conn.fetchrow(_queries()["demo_delivery_stats"], campaign_id)
     assert stats is not None
     counts = await _counts(conn, campaign_id)
     accepted = sum(counts.get(s, 0) for s in ACCEPTED)

@@ -25,6 +25,8 @@ from campaign import config, db
 
 log = structlog.get_logger("campaign.importer")
 
+QUERIES = ("importer_campaign_status",)
+
 CHUNK_ROWS = 20_000
 MSISDN_COLUMN = "msisdn"
 
@@ -97,7 +99,9 @@ async def import_csv(
     progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
     """Load `path` into campaign.recipients for `campaign_id` in one COPY."""
-    status = await conn.fetchval("SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id)
+    status = await conn.fetchval(
+        db.require(db.load_queries(), QUERIES)["importer_campaign_status"], campaign_id
+    )
     if status is None:
         raise ImportFileError(f"campaign {campaign_id} does not exist")
     if status == "cancelled":

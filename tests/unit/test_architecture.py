@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "campaign.metrics": 0,
     "campaign.logs": 0,
     "campaign.ratelimit": 0,
+    "campaign.aio": 0,
     "campaign.payload": 1,
     "campaign.reports": 1,
     # The only asyncpg user.
