@@ -8,15 +8,9 @@ from types import MappingProxyType
 import pytest
 
 from campaign import cli
-from campaign.simulator import (
-    FaultSpec,
-    SimulatorConfig,
-    SimulatorConfigError,
-    config_from_args,
-    merge_config,
-    parse_listen,
-    parse_setting,
-)
+from campaign.simulator import FaultSpec, SimulatorConfig, SimulatorConfigError
+from campaign.simulator.cli import config_from_args, parse_listen, parse_setting
+from campaign.simulator.config import merge_config
 
 
 def test_defaults_are_valid_and_quiet() -> None:
