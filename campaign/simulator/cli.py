@@ -13,18 +13,12 @@ from typing import Any
 import structlog
 
 from campaign import config as campaign_config
+from campaign.netaddr import parse_listen
 from campaign.simulator.config import SimulatorConfig, SimulatorConfigError, merge_config
 from campaign.simulator.server import start_simulator
 
 # The logger of the whole simulator, whichever module logs.
 log = structlog.get_logger("campaign.simulator")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise SimulatorConfigError(f"--listen {value!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -77,7 +71,10 @@ async def cmd_simulate(args: argparse.Namespace, settings: campaign_config.Setti
     config = config_from_args(args)
     if args.send_mo:
         return await _send_one_mo(config, args)
-    host, port = parse_listen(args.listen)
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError:
+        raise SimulatorConfigError(f"--listen {args.listen!r}: expected HOST:PORT") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
