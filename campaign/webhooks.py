@@ -31,6 +31,7 @@ from aiohttp import web
 
 from campaign import db, metrics, reports
 from campaign.config import OptOutSettings, WebhookSettings
+from campaign.netaddr import parse_listen as parse_listen  # re-exported, as before
 from campaign.reports import DeliveryReport, IncomingMessage, ParseError
 
 log = structlog.get_logger(__name__)
@@ -509,11 +510,3 @@ class WebhookServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port); ValueError with the value otherwise."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdecimal() or not host:
-        raise ValueError(f"listen address {listen!r} is not host:port")
-    return host.strip("[]"), int(port)

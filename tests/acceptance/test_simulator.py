@@ -26,8 +26,8 @@ from campaign.simulator import (
     FaultSpec,
     Simulator,
     SimulatorConfig,
-    parse_expiry,
 )
+from campaign.simulator.timestamps import parse_expiry
 from tests.helpers.sim import KEY, fast_config, post, receiver, simulator, sms
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "campaign.logs": 0,
     "campaign.ratelimit": 0,
     "campaign.aio": 0,
+    "campaign.netaddr": 0,
     "campaign.payload": 1,
     "campaign.reports": 1,
     # The only asyncpg user.

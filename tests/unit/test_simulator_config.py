@@ -8,15 +8,11 @@ from types import MappingProxyType
 import pytest
 
 from campaign import cli
-from campaign.simulator import (
-    FaultSpec,
-    SimulatorConfig,
-    SimulatorConfigError,
-    config_from_args,
-    merge_config,
-    parse_listen,
-    parse_setting,
-)
+from campaign.config import Settings
+from campaign.netaddr import parse_listen
+from campaign.simulator import FaultSpec, SimulatorConfig, SimulatorConfigError, cmd_simulate
+from campaign.simulator.cli import config_from_args, parse_setting
+from campaign.simulator.config import merge_config
 
 
 def test_defaults_are_valid_and_quiet() -> None:
@@ -181,9 +177,15 @@ def test_parse_setting_reads_toml_values_and_dotted_keys() -> None:
 def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:9090") == ("127.0.0.1", 9090)
     assert parse_listen("[::1]:0") == ("::1", 0)
-    for bad in ("9090", "host:", ":9090", "host:http"):
-        with pytest.raises(SimulatorConfigError, match="expected HOST:PORT"):
+    for bad in ("9090", "host:", ":9090", "host:http", "host:\u00b2"):
+        with pytest.raises(ValueError, match="is not host:port"):
             parse_listen(bad)
+
+
+async def test_simulate_names_a_bad_listen_flag() -> None:
+    args = cli.build_parser().parse_args(["simulate", "--listen", "9090"])
+    with pytest.raises(SimulatorConfigError, match="--listen '9090': expected HOST:PORT"):
+        await cmd_simulate(args, Settings())
 
 
 def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:

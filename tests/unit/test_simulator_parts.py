@@ -9,18 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign.simulator import (
-    FaultSpec,
+from campaign.simulator import FaultSpec
+from campaign.simulator.parts import sms_parts
+from campaign.simulator.ratelimit import TokenBucket
+from campaign.simulator.reports import _Report, render_report
+from campaign.simulator.timestamps import format_timestamp, parse_expiry
+from campaign.simulator.validation import (
     RequestError,
-    TokenBucket,
     _Context,
-    _Report,
     count_destinations,
-    format_timestamp,
-    parse_expiry,
     parse_messages,
-    render_report,
-    sms_parts,
 )
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
