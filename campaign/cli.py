@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from campaign import config, db, logs, worker
+from campaign import __version__, config, db, logs, worker
 from campaign.commands import control, demo, importer, prune, status
 from campaign.simulator import cmd_simulate
 
@@ -19,11 +19,36 @@ log = structlog.get_logger("campaign.cli")
 Handler = Callable[[argparse.Namespace, config.Settings], Coroutine[Any, Any, int]]
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (those worth showing); descriptions keep
+    their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if shown and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _command(
+    sub: Any, name: str, summary: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=description or summary, formatter_class=_Help
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="campaign",
-        description="Bulk SMS campaigns from PostgreSQL to the IMIconnect messaging API.",
+        description="Bulk SMS campaigns from PostgreSQL to the IMIconnect messaging API.\n\n"
+        "Applications insert campaigns and recipients into PostgreSQL; `campaign worker`\n"
+        "sends them. See README.md for the database contract and the config keys.",
+        formatter_class=_Help,
     )
+    parser.add_argument("--version", action="version", version=f"campaign {__version__}")
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -40,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("migrate", help="apply database migrations (safe to repeat)")
+    p = _command(
+        sub,
+        "migrate",
+        "apply database migrations (safe to repeat)",
+        "Create or upgrade the `campaign` schema to this version. Forward-only, safe to run\n"
+        "again and from several processes at once (an advisory lock serialises them).",
+    )
     p.set_defaults(handler=control.cmd_migrate)
 
     for name, text in (
@@ -48,38 +79,52 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", "let a paused or draft campaign send again"),
         ("cancel", "cancel a campaign; unsent recipients become cancelled"),
     ):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("campaign_id", type=int)
+        p = _command(sub, name, text)
+        p.add_argument("campaign_id", type=int, help="the campaign's id")
         p.set_defaults(handler=control.cmd_control)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "import",
-        help="load recipients from a CSV file with COPY",
-        description="Load recipients from CSV: the msisdn column is the number, "
-        "every other column a variable for $(name) placeholders.",
+        "load recipients from a CSV file with COPY",
+        "Load recipients from CSV: the msisdn column is the number, every other column a\n"
+        "variable for $(name) placeholders. The delimiter (, ; tab |) is detected.",
     )
-    p.add_argument("campaign_id", type=int)
+    p.add_argument("campaign_id", type=int, help="the campaign's id (not cancelled)")
     p.add_argument("file", help="CSV file, UTF-8, with a header row")
     p.set_defaults(handler=importer.cmd_import)
 
-    p = sub.add_parser("status", help="counts per status, rate, ETA and report lag")
+    p = _command(
+        sub,
+        "status",
+        "counts per status, rate, ETA and report lag",
+        "Recipients per status, the top reasons for invalid / failed / rejected, the rate\n"
+        "over the last minute, the ETA of a running campaign and the report lag.",
+    )
     p.add_argument("campaign_id", type=int, nargs="?", help="one campaign (default: recent ones)")
-    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument(
+        "--watch", action="store_true", help="refresh until the campaign is final (or Ctrl-C)"
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=20, help="campaigns shown at most")
     p.set_defaults(handler=status.cmd_status)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "prune",
-        help="delete rows past the [retention] settings, in small chunks (see docs/scaling.md)",
+        "delete rows past the [retention] settings, in small chunks",
+        "Delete finished campaigns, reports, batches, incoming messages and rejects older\n"
+        "than the [retention] settings, in bounded chunks (see docs/scaling.md).",
     )
     p.set_defaults(handler=prune.cmd_prune)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "demo",
-        help="run the whole product on this machine with an embedded "
-        "database and the built-in API simulator",
+        "run the whole product on this machine",
+        "An embedded PostgreSQL (unless a DSN is configured), the built-in API simulator and\n"
+        "a worker in one process: a seeded campaign is sent, reported and summarised.",
     )
     p.add_argument("--recipients", type=int, default=100_000, help="recipients to seed")
     p.add_argument(
@@ -87,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=demo.run)
 
-    p = sub.add_parser(
-        "worker", help="claim pending recipients and send them (see docs/sending.md)"
+    p = _command(
+        sub,
+        "worker",
+        "claim pending recipients and send them; receive and match reports",
+        "The long-running worker: every role in one process by default (producer, senders,\n"
+        "webhook receiver, reconciler). Switch roles off to run them apart (docs/scaling.md).",
     )
     p.add_argument(
         "--drain",
@@ -111,27 +160,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=worker.cmd_worker)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "webhooks",
-        help="run the delivery report / incoming message receiver and the reconciler "
-        "(see docs/webhooks.md)",
+        "run the delivery report / incoming message receiver and the reconciler",
+        "The receiver of delivery reports (DR) and incoming messages (MO), and the reconciler\n"
+        "that matches reports to recipients; no sending (see docs/webhooks.md).",
     )
     p.add_argument("--listen", metavar="HOST:PORT", help="override [webhooks] listen")
     p.set_defaults(handler=worker.cmd_webhooks)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "simulate",
-        help="run the fault-injecting simulator of the messaging API (see docs/simulator.md)",
+        "run the fault-injecting simulator of the messaging API",
+        "A local stand-in for the IMIconnect messaging API: accepts requests, sends delivery\n"
+        "reports to each request's notifyurl, injects faults (see docs/simulator.md). Without\n"
+        "--key or keys in --sim-config it accepts the service keys of the campaign config.",
     )
-    p.add_argument("--listen", default="127.0.0.1:9090", metavar="HOST:PORT")
     p.add_argument(
-        "--config", dest="sim_config", metavar="PATH", help="simulator TOML file (knobs)"
+        "--listen", default="127.0.0.1:9090", metavar="HOST:PORT", help="address to serve on"
+    )
+    p.add_argument(
+        "--sim-config",
+        "--config",
+        dest="sim_config",
+        metavar="PATH",
+        help="simulator TOML file (knobs, see simulator.example.toml); "
+        "the global --config is the campaign config",
     )
     p.add_argument("--key", action="append", help="accepted service key (repeatable)")
     p.add_argument("--rate", type=float, help="destinations per second per key (0: no limit)")
     p.add_argument("--mo-url", help="where incoming messages (MO) are POSTed")
     p.add_argument("--seed", type=int, help="random seed (outcomes, delays, faults)")
-    p.add_argument("--fault", action="append", metavar="NAME=PROBABILITY")
+    p.add_argument(
+        "--fault",
+        action="append",
+        metavar="NAME=PROBABILITY",
+        help="inject a fault with this probability (repeatable; names in docs/simulator.md)",
+    )
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any knob, e.g. dr_batch_size=100"
     )
@@ -162,7 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(handler(args, settings))
     except KeyboardInterrupt:
         return 130
-    except (db.SchemaError, db.QueryError, config.ConfigError) as exc:
+    except (
+        db.SchemaError,
+        db.QueryError,
+        db.DatabaseConfigError,
+        db.DatabaseUnreachable,
+        config.ConfigError,
+    ) as exc:
         log.error("command_failed", command=args.command, error=str(exc))
         return 2
     except (OSError, db.PostgresError, db.InterfaceError) as exc:

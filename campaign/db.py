@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import importlib.resources
 import re
+import socket
 import warnings
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import orjson
@@ -228,10 +230,63 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 
+class DatabaseConfigError(Exception):
+    """The DSN cannot be used as written; the message never holds its password."""
+
+
+class DatabaseUnreachable(Exception):
+    """No PostgreSQL answered at the DSN's address; the message names host and port."""
+
+
+def dsn_target(dsn: str) -> str:
+    """Where a DSN points, `host:port` (or a socket directory), for error messages.
+
+    Raises DatabaseConfigError for a DSN asyncpg would reject with a traceback."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise DatabaseConfigError(
+            f"database DSN {describe_dsn(dsn)!r}: expected postgresql://USER@HOST:PORT/DATABASE"
+        )
+    query = parse_qs(parts.query)
+    try:
+        port = parts.port or int(query.get("port", ["5432"])[0])
+    except ValueError:
+        raise DatabaseConfigError(
+            f"database DSN {describe_dsn(dsn)!r}: the port is not a number"
+        ) from None
+    host = parts.hostname or query.get("host", ["localhost"])[0]
+    return f"{host}:{port}" if not host.startswith("/") else f"{host} (port {port})"
+
+
+def _connect_failed(dsn: str, exc: BaseException) -> DatabaseUnreachable:
+    reasons: dict[type[BaseException], str] = {
+        ConnectionRefusedError: "connection refused",
+        socket.gaierror: "host name not found",
+        TimeoutError: "no answer in time",
+    }
+    reason = reasons.get(type(exc), type(exc).__name__)
+    return DatabaseUnreachable(f"cannot connect to PostgreSQL at {dsn_target(dsn)}: {reason}")
+
+
 async def connect(dsn: str, *, timeout_s: float = 10.0) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn, timeout=timeout_s, server_settings=SERVER_SETTINGS)
+    dsn_target(dsn)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout_s, server_settings=SERVER_SETTINGS)
+    except (OSError, TimeoutError) as exc:
+        raise _connect_failed(dsn, exc) from exc
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        raise DatabaseConfigError(
+            f"database DSN {describe_dsn(dsn)!r}: {_scrub(exc, dsn)}"
+        ) from exc
     await init_connection(conn)
     return conn
+
+
+def _scrub(exc: BaseException, dsn: str) -> str:
+    """The error's text without the DSN's password, should the driver quote it."""
+    text = str(exc)
+    password = urlsplit(dsn).password
+    return text.replace(password, "***") if password else text
 
 
 class _PooledConnection(asyncpg.Connection):
@@ -267,15 +322,19 @@ class _PooledConnection(asyncpg.Connection):
 async def create_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, timeout_s: float = 10.0
 ) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=timeout_s,
-        server_settings=SERVER_SETTINGS,
-        init=init_connection,
-        connection_class=_PooledConnection,
-    )
+    dsn_target(dsn)
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout_s,
+            server_settings=SERVER_SETTINGS,
+            init=init_connection,
+            connection_class=_PooledConnection,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise _connect_failed(dsn, exc) from exc
     assert pool is not None
     return pool
 

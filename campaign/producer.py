@@ -15,6 +15,7 @@ written with the results, so a sent row is written at claim and at its result on
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from campaign import db, payload
+from campaign import codes, db, payload
 from campaign.batch import Batch, Lane
 from campaign.config import ProducerSettings
 from campaign.prepare import Campaign, Claimed, Prepared, normalise_all, prepare
@@ -43,6 +44,8 @@ QUERIES = (
 SWEEP_CHUNK = 10_000
 # How often claims start again from each campaign's first due row (see Producer._after).
 RESCAN_S = 10.0
+# A batch with at least this share of invalid recipients is worth a warning.
+MOSTLY_INVALID = 0.5
 
 
 @dataclass(slots=True)
@@ -110,6 +113,8 @@ class Producer:
         self._last_renewal = -float("inf")
         # Campaigns already reported as on an unknown service: one error line each.
         self._reported_unknown: set[int] = set()
+        # Campaigns already warned about as mostly invalid: one warning each.
+        self._warned_invalid: set[int] = set()
         # Per campaign, the highest recipient id claimed so far: the next claim starts
         # there instead of walking the index entries of every row already sent. Dropped
         # when a claim comes back short or empty, and all of them every RESCAN_S, so rows
@@ -259,6 +264,7 @@ class Producer:
                     conn, self._queries["producer_prepare_recipients"], batch_id, final
                 )
         ready = [p for p in prepared if p.destination is not None]
+        self._warn_if_mostly_invalid(campaign.id, batch_id, prepared)
         log.info(
             "batch_claimed",
             campaign_id=campaign.id,
@@ -272,6 +278,30 @@ class Producer:
         if ready:
             lane.held.add(batch_id)
             lane.queue.put_nowait(self._batch(batch_id, campaign, ready))
+
+    def _warn_if_mostly_invalid(
+        self, campaign_id: int, batch_id: int, prepared: Sequence[Prepared]
+    ) -> None:
+        """Once per campaign: most of a batch was invalid, with the commonest reason."""
+        invalid = [p for p in prepared if p.status == "invalid"]
+        if len(invalid) < MOSTLY_INVALID * len(prepared) or campaign_id in self._warned_invalid:
+            return
+        self._warned_invalid.add(campaign_id)
+        reasons = collections.Counter(p.error_code for p in invalid)
+        code, count = reasons.most_common(1)[0]
+        example = next(p for p in invalid if p.error_code == code)
+        log.warning(
+            "batch_mostly_invalid",
+            campaign_id=campaign_id,
+            batch_id=batch_id,
+            claimed=len(prepared),
+            invalid=len(invalid),
+            error_code=code,
+            error_code_count=count,
+            meaning=codes.meaning(code),
+            example=example.error_message,
+            hint="see `campaign status ID`; the campaign keeps sending its valid recipients",
+        )
 
     def _batch(self, batch_id: int, campaign: Campaign, ready: Sequence[Prepared]) -> Batch:
         settings = payload.MessageSettings(

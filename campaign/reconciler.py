@@ -202,10 +202,22 @@ class Reconciler:
         for row in completed:
             counts: Mapping[str, int] = row["counts"]
             per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}
-            log.info(
-                "campaign_completed",
-                campaign_id=row["campaign_id"],
-                recipients=sum(counts.values()),
-                **per_status,
-            )
+            recipients = sum(counts.values())
+            # A campaign that completed without reaching most of its recipients says so.
+            never_sent = per_status["invalid"] + per_status["rejected"] + per_status["expired"]
+            if recipients and never_sent >= recipients / 2:
+                log.warning(
+                    "campaign_completed",
+                    campaign_id=row["campaign_id"],
+                    recipients=recipients,
+                    **per_status,
+                    hint="most recipients were not sent: see `campaign status ID` for why",
+                )
+            else:
+                log.info(
+                    "campaign_completed",
+                    campaign_id=row["campaign_id"],
+                    recipients=recipients,
+                    **per_status,
+                )
         return orphans, timed_out, completed

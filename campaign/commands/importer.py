@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import csv
 import io
+import itertools
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -45,6 +46,10 @@ class ImportResult:
         return self.rows / self.duration_s if self.duration_s > 0 else 0.0
 
 
+# Delimiters a spreadsheet export may use; the header says which one the file has.
+DELIMITERS = (",", ";", "\t", "|")
+
+
 def _header(reader: Iterator[list[str]], source: str) -> tuple[int, list[str]]:
     try:
         header = next(reader)
@@ -62,18 +67,59 @@ def _header(reader: Iterator[list[str]], source: str) -> tuple[int, list[str]]:
     return lowered.index(MSISDN_COLUMN), names
 
 
+def _delimiter(first_line: str, source: str) -> str:
+    """The delimiter whose split of the header holds an msisdn column."""
+    for delimiter in DELIMITERS:
+        row = next(csv.reader([first_line], delimiter=delimiter), [])
+        if MSISDN_COLUMN in (c.strip().lower() for c in row):
+            return delimiter
+    seen = first_line.strip()
+    shown = seen if len(seen) <= 80 else seen[:77] + "..."
+    raise ImportFileError(
+        f"{source}: line 1: no '{MSISDN_COLUMN}' column in the header {shown!r} "
+        f"(columns separated by , ; tab or |, one named {MSISDN_COLUMN})"
+    )
+
+
+def decoded_lines(stream: IO[bytes], source: str) -> Iterator[str]:
+    """The file's lines as text, each decoded on its own so a bad byte names its line."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ImportFileError(
+                f"{source}: line {number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                f"column {exc.start + 1}); save the file as UTF-8"
+            ) from None
+        yield text.removeprefix("\ufeff") if number == 1 else text
+
+
 def encode_chunks(
-    stream: IO[str], campaign_id: int, *, source: str, chunk_rows: int = CHUNK_ROWS
+    lines: Iterator[str], campaign_id: int, *, source: str, chunk_rows: int = CHUNK_ROWS
 ) -> Iterator[tuple[bytes, int]]:
     """Yield (COPY CSV bytes, rows in them) for each chunk of the input file."""
-    reader = csv.reader(stream)
+    first = next(lines, None)
+    if first is None:
+        raise ImportFileError(f"{source}: the file is empty")
+    # strict: an unterminated quote is an error, not one long field swallowing the rest.
+    reader = csv.reader(
+        itertools.chain([first], lines), delimiter=_delimiter(first, source), strict=True
+    )
     msisdn_at, names = _header(reader, source)
     var_names = [(i, n) for i, n in enumerate(names) if i != msisdn_at]
     width = len(names)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     rows = 0
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise ImportFileError(
+                f"{source}: line {reader.line_num}: {exc} (a quote opened and never closed?)"
+            ) from None
         if not row:
             continue
         if len(row) != width:
@@ -97,6 +143,7 @@ async def import_csv(
     path: Path,
     *,
     progress: Callable[[int], None] | None = None,
+    committing: Callable[[int], None] | None = None,
 ) -> ImportResult:
     """Load `path` into campaign.recipients for `campaign_id` in one COPY."""
     status = await conn.fetchval(
@@ -113,25 +160,26 @@ async def import_csv(
 
     async def source() -> AsyncIterator[bytes]:
         nonlocal total
-        with path.open(newline="", encoding="utf-8-sig") as stream:
-            for chunk, rows in encode_chunks(stream, campaign_id, source=str(path)):
+        with path.open("rb") as stream:
+            lines = decoded_lines(stream, str(path))
+            for chunk, rows in encode_chunks(lines, campaign_id, source=str(path)):
                 total += rows
                 if progress is not None:
                     progress(total)
                 yield chunk
                 # Let the event loop breathe between chunks (signals, progress output).
                 await asyncio.sleep(0)
+        if committing is not None:
+            # Every row is sent; the COPY now commits and updates the indexes.
+            committing(total)
 
-    try:
-        await conn.copy_to_table(
-            "recipients",
-            schema_name="campaign",
-            columns=["campaign_id", "msisdn", "variables"],
-            source=source(),
-            format="csv",
-        )
-    except UnicodeDecodeError as exc:
-        raise ImportFileError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    await conn.copy_to_table(
+        "recipients",
+        schema_name="campaign",
+        columns=["campaign_id", "msisdn", "variables"],
+        source=source(),
+        format="csv",
+    )
     return ImportResult(rows=total, duration_s=time.monotonic() - started)
 
 
@@ -156,6 +204,14 @@ class Progress:
             self._last = now
             log.info("import_progress", rows=rows, rows_per_s=round(rate))
 
+    def committing(self, rows: int) -> None:
+        """All rows sent: the COPY commits and builds its index entries (seconds for millions)."""
+        if self._tty:
+            sys.stderr.write(f"\rimporting {self._path.name}: {rows:,} rows sent, committing...")
+            sys.stderr.flush()
+        else:
+            log.info("import_committing", rows=rows)
+
     def done(self) -> None:
         if self._tty:
             sys.stderr.write("\n")
@@ -169,7 +225,9 @@ async def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int
         conn = await db.connect(dsn, timeout_s=settings.database.connect_timeout_s)
         try:
             await db.check_schema(conn)
-            result = await import_csv(conn, args.campaign_id, path, progress=progress)
+            result = await import_csv(
+                conn, args.campaign_id, path, progress=progress, committing=progress.committing
+            )
         except ImportFileError as exc:
             progress.done()
             print(f"campaign import: {exc}", file=sys.stderr)

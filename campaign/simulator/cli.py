@@ -69,6 +69,11 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
 async def cmd_simulate(args: argparse.Namespace, settings: campaign_config.Settings) -> int:
     """Run the simulator until SIGINT / SIGTERM, or send one MO with --send-mo."""
     config = config_from_args(args)
+    service_keys = tuple(dict.fromkeys(s.key for s in settings.services.values() if s.key))
+    if not args.key and config.keys == SimulatorConfig().keys and service_keys:
+        # `campaign --config c.toml simulate` accepts the keys that c.toml sends with.
+        config = dataclasses.replace(config, keys=service_keys)
+        log.info("simulator_keys_from_config", keys=len(service_keys))
     if args.send_mo:
         return await _send_one_mo(config, args)
     try:

@@ -27,3 +27,8 @@ UPDATE campaign.campaigns c
   FROM (SELECT id, status FROM campaign.campaigns WHERE id = $1 FOR UPDATE) prev
  WHERE c.id = prev.id AND prev.status IN ('draft', 'ready', 'running', 'paused')
 RETURNING prev.status AS previous_status;
+
+-- name: control_campaign_status
+-- A campaign's status, to say why a pause / resume / cancel changed nothing.
+-- $1 campaign id
+SELECT status FROM campaign.campaigns WHERE id = $1;

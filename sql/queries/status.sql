@@ -28,3 +28,31 @@ SELECT (SELECT count(*) FROM campaign.recipients
                percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM dr_at - sent_at)) AS p95_s
           FROM campaign.recipients
          WHERE campaign_id = $1 AND dr_at > now() - interval '1 hour' AND sent_at IS NOT NULL) lag;
+
+-- name: status_reasons
+-- The commonest reasons of one campaign's recipients in the given statuses: the report's
+-- code when there is one, else the worker's error code; one example row each.
+-- $1 campaign id $2 statuses (text[]) $3 rows at most
+SELECT r.status, coalesce(r.dr_code, r.error_code, '') AS code, count(*) AS n,
+       min(r.id) AS example_id
+  FROM campaign.recipients r
+ WHERE r.campaign_id = $1 AND r.status = ANY($2::text[])
+ GROUP BY 1, 2
+ ORDER BY n DESC, code
+ LIMIT $3;
+
+-- name: status_live_senders
+-- How many sending workers are alive (heartbeat within $2 seconds) for service $1.
+-- $1 service $2 seconds
+SELECT count(*) AS n
+  FROM campaign.workers w
+ WHERE $1 = ANY(w.services) AND w.heartbeat_at > now() - make_interval(secs => $2);
+
+-- name: status_send_window
+-- When a finished campaign's first and last destinations were accepted, for its average
+-- rate (read once the campaign is final: a scan of its recipients).
+-- $1 campaign id
+SELECT min(sent_at) AS first_sent, max(sent_at) AS last_sent,
+       count(sent_at) AS accepted
+  FROM campaign.recipients
+ WHERE campaign_id = $1;

@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     # Pure pieces: no I/O, no other campaign module but these.
     "campaign.config": 0,
     "campaign.statuses": 0,
+    "campaign.codes": 0,
     "campaign.sms": 0,
     "campaign.errors": 0,
     "campaign.metrics": 0,
