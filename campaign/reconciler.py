@@ -9,8 +9,9 @@ Reports for recipients the sender has not finished with wait, durably, in state 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -26,6 +27,7 @@ QUERIES = (
     "reconcile_orphan_reports",
     "reconcile_report_timeout",
     "reconcile_complete_campaigns",
+    "reconcile_activity",
 )
 
 
@@ -33,6 +35,26 @@ QUERIES = (
 # released, a pathological plan) fails the pass loudly (`reconcile_failed`) and the next
 # pass tries again, instead of the reconciler stalling in silence.
 STEP_TIMEOUT_S = 30.0
+
+
+class StepTimedOut(TimeoutError):
+    """A step waited past STEP_TIMEOUT_S: for a pool connection, or for its statement."""
+
+    def __init__(self, waited_for: str, statement: str) -> None:
+        super().__init__(f"{waited_for} of {statement} took over {STEP_TIMEOUT_S:.0f} s")
+        self.waited_for = waited_for
+        self.statement = statement
+
+
+@contextlib.asynccontextmanager
+async def _step(waited_for: str, statement: str) -> AsyncIterator[None]:
+    """Name what a TimeoutError inside waited for, so the log can say it."""
+    try:
+        yield
+    except TimeoutError as exc:
+        if isinstance(exc, StepTimedOut):
+            raise
+        raise StepTimedOut(waited_for, statement) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +103,9 @@ class Reconciler:
         while not stop.is_set():
             try:
                 result = await self.run_once()
+            except StepTimedOut as exc:
+                await self._log_timeout(exc)
+                result = ReconcileResult()
             except db.UNAVAILABLE_ERRORS as exc:
                 log.warning("reconcile_failed", error=str(exc), error_type=type(exc).__name__)
                 result = ReconcileResult()
@@ -114,8 +139,12 @@ class Reconciler:
         completed: list[db.Record] = []
         if not full or started - self._last_sweep >= s.interval_s:
             self._last_sweep = started
-            async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn:
+            async with _step("pool_acquire", "sweeps"):
+                conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
+            try:
                 orphans, timed_out, completed = await self._sweep(conn)
+            finally:
+                await self._pool.release(conn)
 
         result = ReconcileResult(
             reports_examined=examined,
@@ -147,17 +176,22 @@ class Reconciler:
         # its commit, its reports are still 'new' (both writes are one statement) and the
         # next pass matches them again; any later durable commit (a sender's, the
         # receiver's) flushes it along, the WAL being one sequence.
-        async with self._pool.acquire(timeout=STEP_TIMEOUT_S) as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit = off")
-            match = await conn.fetchrow(
-                self._queries["reconcile_match_reports"],
-                after_id,
-                s.batch_size,
-                self._codes,
-                self._statuses,
-                reports.OTHER_CODE_STATUS,
-                timeout=STEP_TIMEOUT_S,
-            )
+        async with _step("pool_acquire", "reconcile_match_reports"):
+            conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
+        try:
+            async with _step("statement", "reconcile_match_reports"), conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                match = await conn.fetchrow(
+                    self._queries["reconcile_match_reports"],
+                    after_id,
+                    s.batch_size,
+                    self._codes,
+                    self._statuses,
+                    reports.OTHER_CODE_STATUS,
+                    timeout=STEP_TIMEOUT_S,
+                )
+        finally:
+            await self._pool.release(conn)
         assert match is not None
         return match
 
@@ -166,12 +200,13 @@ class Reconciler:
     ) -> tuple[list[db.Record], list[db.Record], list[db.Record]]:
         """Orphan long-unmatched reports, time out silent recipients, complete campaigns."""
         s = self._settings
-        orphans = await conn.fetch(
-            self._queries["reconcile_orphan_reports"],
-            s.orphan_after_s,
-            s.batch_size,
-            timeout=STEP_TIMEOUT_S,
-        )
+        async with _step("statement", "reconcile_orphan_reports"):
+            orphans = await conn.fetch(
+                self._queries["reconcile_orphan_reports"],
+                s.orphan_after_s,
+                s.batch_size,
+                timeout=STEP_TIMEOUT_S,
+            )
         for row in orphans:
             log.warning(
                 "report_orphaned",
@@ -182,12 +217,13 @@ class Reconciler:
                 orphan_after_s=s.orphan_after_s,
             )
 
-        timed_out = await conn.fetch(
-            self._queries["reconcile_report_timeout"],
-            s.report_timeout_s,
-            s.batch_size,
-            timeout=STEP_TIMEOUT_S,
-        )
+        async with _step("statement", "reconcile_report_timeout"):
+            timed_out = await conn.fetch(
+                self._queries["reconcile_report_timeout"],
+                s.report_timeout_s,
+                s.batch_size,
+                timeout=STEP_TIMEOUT_S,
+            )
         for row in timed_out:
             log.warning(
                 "reports_timed_out",
@@ -196,9 +232,10 @@ class Reconciler:
                 report_timeout_s=s.report_timeout_s,
             )
 
-        completed = await conn.fetch(
-            self._queries["reconcile_complete_campaigns"], timeout=STEP_TIMEOUT_S
-        )
+        async with _step("statement", "reconcile_complete_campaigns"):
+            completed = await conn.fetch(
+                self._queries["reconcile_complete_campaigns"], timeout=STEP_TIMEOUT_S
+            )
         for row in completed:
             counts: Mapping[str, int] = row["counts"]
             per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}
@@ -221,3 +258,24 @@ class Reconciler:
                     **per_status,
                 )
         return orphans, timed_out, completed
+
+    async def _log_timeout(self, exc: StepTimedOut) -> None:
+        """Say what the step waited for, with what our other connections were doing."""
+        activity: list[dict[str, object]] | str
+        try:
+            probe_s = min(5.0, STEP_TIMEOUT_S)
+            async with self._pool.acquire(timeout=probe_s) as conn:
+                rows = await conn.fetch(self._queries["reconcile_activity"], timeout=probe_s)
+            activity = [dict(r) for r in rows]
+        except db.UNAVAILABLE_ERRORS as probe:
+            activity = f"not available: {type(probe).__name__}"
+        log.error(
+            "reconcile_failed",
+            error=str(exc),
+            error_type="StepTimedOut",
+            waited_for=exc.waited_for,
+            statement=exc.statement,
+            pool_size=self._pool.get_size(),
+            pool_idle=self._pool.get_idle_size(),
+            activity=activity,
+        )

@@ -192,3 +192,18 @@ SELECT completed.id AS campaign_id,
                           GROUP BY r.status) s), '{}'::jsonb) AS counts
   FROM completed
  ORDER BY completed.id;
+
+-- name: reconcile_activity
+-- What this database's other busy sessions are doing, for the log line of a reconciler
+-- step that timed out: their state, what they wait on, for how long, and the locks they
+-- are waiting for.
+SELECT a.pid, a.application_name, a.state, a.wait_event_type, a.wait_event,
+       round(extract(epoch FROM now() - a.query_start)::numeric, 1)::float8 AS running_s,
+       left(a.query, 120) AS query,
+       (SELECT string_agg(l.locktype || ':' || l.mode, ',')
+          FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted) AS waiting_for_locks
+  FROM pg_stat_activity a
+ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.state <> 'idle'
+ ORDER BY a.query_start
+ LIMIT 20;
+
