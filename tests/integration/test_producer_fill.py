@@ -11,7 +11,7 @@ import pytest
 from campaign import config, db
 from campaign import producer as producer_module
 from campaign.producer import Lane, Producer
-from tests.helpers.sending import add_recipients, create_campaign, numbers
+from tests.helpers.seed import add_recipients, create_campaign, numbers
 
 
 def make_producer(
