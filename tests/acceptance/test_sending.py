@@ -457,7 +457,8 @@ async def test_notify_wakes_the_producer_long_before_the_poll(api, conn, dsn) ->
         await asyncio.sleep(0.3)  # the worker is idle, listening
         cid = await create_campaign(conn)
         await add_recipients(conn, cid, numbers(3))
-        await asyncio.wait_for(api.received_event.wait(), timeout=10.0)
+        # Half the poll interval: a safety limit, not a measurement of the wake-up.
+        await asyncio.wait_for(api.received_event.wait(), timeout=30.0)
     finally:
         worker.request_stop()
         assert await asyncio.wait_for(running, timeout=10.0) == 0
