@@ -72,13 +72,11 @@ DEFAULTS: Mapping[str, Any] = {
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on at the moment (for a process to bind next)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-# --- the config file ------------------------------------------------------------------------
 
 
 def webhooks_at(port: int) -> dict[str, str]:
@@ -169,9 +167,6 @@ def _toml_table(table: Mapping[str, Any], path: tuple[str, ...]) -> str:
     return text
 
 
-# --- the environment ------------------------------------------------------------------------
-
-
 def campaign_env(dsn: str | None) -> dict[str, str]:
     """The environment of every `campaign` process a test starts.
 
@@ -188,9 +183,6 @@ def campaign_env(dsn: str | None) -> dict[str, str]:
     return env
 
 
-# --- waiting --------------------------------------------------------------------------------
-
-
 async def wait_until(
     check: Callable[[], Awaitable[object]],
     *,
@@ -203,9 +195,6 @@ async def wait_until(
     while not await check():
         assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
         await asyncio.sleep(interval_s)
-
-
-# --- one process ----------------------------------------------------------------------------
 
 
 class CampaignProcess:
@@ -237,8 +226,6 @@ class CampaignProcess:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
-    # --- output ---------------------------------------------------------------------------
-
     def log(self) -> str:
         """Everything written to stderr so far: the log lines, and any traceback."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -257,8 +244,6 @@ class CampaignProcess:
 
     def event_names(self) -> list[str]:
         return [str(e.get("event")) for e in self.events()]
-
-    # --- waiting --------------------------------------------------------------------------
 
     async def wait_event(self, event: str, *, timeout_s: float = 60.0) -> dict[str, Any]:
         """The first log event named `event`, once written; fails if the process exits first."""
@@ -301,8 +286,6 @@ class CampaignProcess:
                 f"{self.name} exited ({self.proc.returncode}) {when}:\n{self.output()[-5000:]}"
             )
 
-    # --- ending ---------------------------------------------------------------------------
-
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
@@ -332,9 +315,6 @@ class CampaignProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
         await self.proc.wait()
-
-
-# --- every process of a test ------------------------------------------------------------------
 
 
 class Processes:
