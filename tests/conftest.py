@@ -3,6 +3,9 @@
 `CAMPAIGN_TEST_DSN` names a server (CI uses the machine's PostgreSQL 15); without it an
 embedded server is started for the session. A template database is migrated once per
 session and every test that asks for `dsn` gets its own copy of it.
+
+`campaign_process` starts real `python -m campaign` processes (tests/helpers/proc.py) and
+kills every one still running when the test ends.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncpg
 import pytest
 
 from campaign import db
+from tests.helpers.proc import Processes, processes
 
 _counter = itertools.count()
 
@@ -127,3 +131,11 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+async def campaign_process(tmp_path: Path) -> AsyncIterator[Processes]:
+    """`await campaign_process.start("worker", config=cfg, dsn=dsn)` / `.run("status", ...)`:
+    output in tmp_path, one environment policy, every process killed at teardown."""
+    async with processes(tmp_path) as started:
+        yield started

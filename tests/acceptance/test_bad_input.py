@@ -16,14 +16,9 @@ from structlog.testing import capture_logs
 
 from campaign.worker import Worker
 from tests.helpers.fake_api import FakeApi
-from tests.helpers.sending import (
-    SERVICE_KEY,
-    add_recipients,
-    create_campaign,
-    drain,
-    make_settings,
-    numbers,
-)
+from tests.helpers.proc import SERVICE_KEY
+from tests.helpers.seed import add_recipients, create_campaign, numbers
+from tests.helpers.sending import drain, make_settings
 
 
 @pytest.fixture

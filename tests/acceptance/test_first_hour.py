@@ -4,10 +4,8 @@ themselves (exact line and exit code), through the real CLI against a real Postg
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
-import sys
+import socket
 from pathlib import Path
 
 import asyncpg
@@ -19,38 +17,22 @@ from campaign import __version__, cli, db
 from campaign.commands.control import CONTROLS
 from campaign.config import ReconcilerSettings
 from campaign.reconciler import Reconciler
-from tests.acceptance.test_cli import run_cli
-from tests.helpers.sending import add_recipients, create_campaign, numbers
+from tests.helpers.proc import CampaignProcess, Processes
+from tests.helpers.seed import add_recipients, create_campaign, numbers
 from tests.integration.test_producer_fill import make_producer
 
 
-def run_raw(
-    *args: str, dsn: str | None = None, timeout_s: float = 60.0
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPAIGN_")}
-    if dsn is not None:
-        env["CAMPAIGN_DATABASE_DSN"] = dsn
-    return subprocess.run(
-        [sys.executable, "-m", "campaign", "--log-format", "json", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=env,
-        check=False,
-    )
-
-
-def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    (line,) = result.stderr.splitlines()
+def error_line(result: CampaignProcess) -> str:
+    (line,) = result.log().splitlines()
     event = orjson.loads(line)
     assert event["event"] == "command_failed" and event["level"] == "error"
     return str(event["error"])
 
 
-def test_version() -> None:
-    result = run_raw("--version")
+async def test_version(campaign_process: Processes) -> None:
+    result = await campaign_process.run("--version")
     assert result.returncode == 0
-    assert result.stdout == f"campaign {__version__}\n"
+    assert result.stdout() == f"campaign {__version__}\n"
 
 
 def test_every_command_and_option_says_what_it_is_for() -> None:
@@ -79,47 +61,51 @@ def test_every_command_and_option_says_what_it_is_for() -> None:
         ),
     ],
 )
-def test_a_malformed_dsn_is_one_line_exit_2_without_the_password(dsn: str, expected: str) -> None:
-    result = run_raw("status", dsn=dsn)
+async def test_a_malformed_dsn_is_one_line_exit_2_without_the_password(
+    dsn: str, expected: str, campaign_process: Processes
+) -> None:
+    result = await campaign_process.run("status", dsn=dsn)
     assert result.returncode == 2
     assert error_line(result) == expected
-    assert "S3cretPw" not in result.stderr + result.stdout
+    assert "S3cretPw" not in result.output()
 
 
-def test_a_refused_connection_names_host_and_port() -> None:
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+async def test_a_refused_connection_names_host_and_port(campaign_process: Processes) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     # Nothing listens on the port once the socket is closed.
-    result = run_raw("migrate", dsn=f"postgresql://app:S3cretPw@127.0.0.1:{port}/prod")
+    result = await campaign_process.run(
+        "migrate", dsn=f"postgresql://app:S3cretPw@127.0.0.1:{port}/prod"
+    )
     assert result.returncode == 2
     assert (
         error_line(result)
         == f"cannot connect to PostgreSQL at 127.0.0.1:{port}: connection refused"
     )
-    assert "S3cretPw" not in result.stderr
+    assert "S3cretPw" not in result.output()
 
 
 async def test_controls_say_which_refusal_and_accept_a_state_already_reached(
-    dsn: str, conn: asyncpg.Connection
+    dsn: str, conn: asyncpg.Connection, campaign_process: Processes
 ) -> None:
     cid = await create_campaign(conn, status="paused")
-    again = run_cli(dsn, "pause", str(cid))
-    assert again.returncode == 0, again.stderr
-    assert orjson.loads(again.stderr.splitlines()[-1])["event"] == "campaign_status_unchanged"
+    again = await campaign_process.run("pause", str(cid), dsn=dsn)
+    assert again.returncode == 0, again.log()
+    assert orjson.loads(again.log().splitlines()[-1])["event"] == "campaign_status_unchanged"
     assert await conn.fetchval("SELECT status FROM campaign.campaigns WHERE id=$1", cid) == "paused"
 
     await conn.execute("UPDATE campaign.campaigns SET status = 'completed' WHERE id = $1", cid)
-    refused = run_cli(dsn, "resume", str(cid))
+    refused = await campaign_process.run("resume", str(cid), dsn=dsn)
     assert refused.returncode == 1
     assert (
-        refused.stderr
+        refused.log()
         == f"campaign {cid} is completed: resume needs a campaign that is draft or paused\n"
     )
 
-    missing = run_cli(dsn, "cancel", "999999")
+    missing = await campaign_process.run("cancel", "999999", dsn=dsn)
     assert missing.returncode == 2
-    assert missing.stderr == "campaign 999999: not found\n"
+    assert missing.log() == "campaign 999999: not found\n"
 
 
 def test_control_sources_are_the_sql_conditions() -> None:
@@ -129,16 +115,18 @@ def test_control_sources_are_the_sql_conditions() -> None:
         assert set(re.findall(r"'(\w+)'", listed)) == set(control.sources)
 
 
-async def test_status_of_a_missing_campaign_says_so_once_exit_2(dsn: str) -> None:
+async def test_status_of_a_missing_campaign_says_so_once_exit_2(
+    dsn: str, campaign_process: Processes
+) -> None:
     for args in (("status", "999999"), ("status", "999999", "--watch", "--interval", "0.1")):
-        result = run_cli(dsn, *args)
+        result = await campaign_process.run(*args, dsn=dsn)
         assert result.returncode == 2
-        assert result.stderr == "campaign 999999: not found\n"
-        assert result.stdout == ""
+        assert result.log() == "campaign 999999: not found\n"
+        assert result.stdout() == ""
 
 
 async def test_status_explains_invalid_and_flags_a_service_nobody_sends(
-    dsn: str, conn: asyncpg.Connection
+    dsn: str, conn: asyncpg.Connection, campaign_process: Processes
 ) -> None:
     cid = await create_campaign(conn, service="nobody", status="running")
     ids = await add_recipients(conn, cid, numbers(10))
@@ -147,9 +135,9 @@ async def test_status_explains_invalid_and_flags_a_service_nobody_sends(
         "error_message = 'not a number' WHERE id = ANY($1::bigint[])",
         ids[:6],
     )
-    result = run_cli(dsn, "status", str(cid))
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    result = await campaign_process.run("status", str(cid), dsn=dsn)
+    assert result.returncode == 0, result.log()
+    out = result.stdout()
     assert "! no live worker sends for service 'nobody'" in out
     assert "! 60% of the recipients are invalid" in out
     assert re.search(
@@ -157,7 +145,9 @@ async def test_status_explains_invalid_and_flags_a_service_nobody_sends(
         rf"\(e\.g\. recipient {ids[0]}\)",
         out,
     ), out
-    (report,) = orjson.loads(run_cli(dsn, "status", str(cid), "--json").stdout)
+    (report,) = orjson.loads(
+        (await campaign_process.run("status", str(cid), "--json", dsn=dsn)).stdout()
+    )
     assert report["reasons"] == [
         {
             "status": "invalid",
@@ -171,7 +161,7 @@ async def test_status_explains_invalid_and_flags_a_service_nobody_sends(
 
 
 async def test_status_rate_and_eta_follow_the_campaign_and_watch_ends_when_final(
-    dsn: str, conn: asyncpg.Connection
+    dsn: str, conn: asyncpg.Connection, campaign_process: Processes
 ) -> None:
     cid = await create_campaign(conn, status="running")
     ids = await add_recipients(conn, cid, numbers(4))
@@ -183,14 +173,18 @@ async def test_status_rate_and_eta_follow_the_campaign_and_watch_ends_when_final
     )
     await conn.execute("UPDATE campaign.campaigns SET status = 'completed' WHERE id = $1", cid)
     # Piped, --watch prints one timestamped frame and ends: the campaign is final.
-    watched = run_cli(dsn, "status", str(cid), "--watch", "--interval", "0.1")
-    assert watched.returncode == 0, watched.stderr
-    assert re.match(r"--- \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\n", watched.stdout)
-    assert watched.stdout.count("--- ") == 1
-    assert "average rate 1.3/s" in watched.stdout and "eta" not in watched.stdout
+    watched = await campaign_process.run(
+        "status", str(cid), "--watch", "--interval", "0.1", dsn=dsn
+    )
+    assert watched.returncode == 0, watched.log()
+    assert re.match(r"--- \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\n", watched.stdout())
+    assert watched.stdout().count("--- ") == 1
+    assert "average rate 1.3/s" in watched.stdout() and "eta" not in watched.stdout()
 
     await conn.execute("UPDATE campaign.campaigns SET status = 'paused' WHERE id = $1", cid)
-    (paused,) = orjson.loads(run_cli(dsn, "status", str(cid), "--json").stdout)
+    (paused,) = orjson.loads(
+        (await campaign_process.run("status", str(cid), "--json", dsn=dsn)).stdout()
+    )
     assert paused["rate_per_s"] is None and paused["eta_s"] is None
 
 
@@ -213,26 +207,31 @@ async def test_status_rate_and_eta_follow_the_campaign_and_watch_ends_when_final
     ],
 )
 async def test_import_errors_name_the_line(
-    dsn: str, conn: asyncpg.Connection, tmp_path: Path, content: bytes, expected: str
+    dsn: str,
+    conn: asyncpg.Connection,
+    tmp_path: Path,
+    content: bytes,
+    expected: str,
+    campaign_process: Processes,
 ) -> None:
     cid = await create_campaign(conn, status="draft")
     path = tmp_path / "r.csv"
     path.write_bytes(content)
-    result = run_cli(dsn, "import", str(cid), str(path))
+    result = await campaign_process.run("import", str(cid), str(path), dsn=dsn)
     assert result.returncode == 2
-    assert result.stderr == f"campaign import: {path}: {expected}\n"
+    assert result.log() == f"campaign import: {path}: {expected}\n"
     assert await conn.fetchval("SELECT count(*) FROM campaign.recipients") == 0
 
 
 async def test_import_reads_a_semicolon_file(
-    dsn: str, conn: asyncpg.Connection, tmp_path: Path
+    dsn: str, conn: asyncpg.Connection, tmp_path: Path, campaign_process: Processes
 ) -> None:
     cid = await create_campaign(conn, status="draft")
     path = tmp_path / "r.csv"
     path.write_text("msisdn;name\n919812345678;Ann\n919812345679;Bob\n", encoding="utf-8")
-    result = run_cli(dsn, "import", str(cid), str(path))
-    assert result.returncode == 0, result.stderr
-    events = [orjson.loads(x)["event"] for x in result.stderr.splitlines()]
+    result = await campaign_process.run("import", str(cid), str(path), dsn=dsn)
+    assert result.returncode == 0, result.log()
+    events = [orjson.loads(x)["event"] for x in result.log().splitlines()]
     assert events[-2:] == ["import_committing", "import_finished"]
     rows = await conn.fetch("SELECT msisdn, variables FROM campaign.recipients ORDER BY id")
     assert [(r["msisdn"], r["variables"]) for r in rows] == [

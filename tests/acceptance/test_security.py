@@ -3,12 +3,9 @@ database role (the GRANTs of docs/security.md) works and prints no secret anywhe
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import os
 import re
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -18,8 +15,8 @@ import asyncpg
 import pytest
 
 from campaign import webhooks
-from tests.helpers.faults import Process, free_port, wait_healthy
-from tests.helpers.sending import add_recipients, create_campaign, numbers
+from tests.helpers.proc import Processes, free_port, wait_until, webhooks_at, write_config
+from tests.helpers.seed import add_recipients, create_campaign, numbers
 from tests.helpers.webhooks import TOKEN, dr, running_server
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "security.md"
@@ -81,64 +78,28 @@ def refused_dsn(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=""))
 
 
-def write_config(path: Path, *, dsn: str, base_url: str, port: int) -> Path:
-    path.write_text(
-        f"""
-[database]
-dsn = "{dsn}"
-pool_min = 1
-pool_max = 4
-connect_timeout_s = 3.0
-[api]
-base_url = "{base_url}"
-[services.default]
-key = "{SERVICE_KEY}"
-sender_id = "SECURE"
-rate_per_s = 5000.0
-[producer]
-poll_interval_s = 0.1
-recovery_interval_s = 0.5
-[webhooks]
-listen = "127.0.0.1:{port}"
-public_url = "http://127.0.0.1:{port}"
-token = "{WEBHOOK_TOKEN}"
-[reconciler]
-interval_s = 0.1
-[logging]
-format = "json"
-level = "debug"
-""",
-        encoding="utf-8",
+def secure_config(path: Path, *, dsn: str, base_url: str, port: int) -> Path:
+    """The DSN in the file (the environment has none), the secrets above, debug logs."""
+    return write_config(
+        path,
+        database={"dsn": dsn, "pool_max": 4, "connect_timeout_s": 3.0},
+        api={"base_url": base_url},
+        services={"default": {"key": SERVICE_KEY, "sender_id": "SECURE"}},
+        producer={"poll_interval_s": 0.1, "recovery_interval_s": 0.5},
+        webhooks=webhooks_at(port) | {"token": WEBHOOK_TOKEN},
+        logging={"level": "debug"},
     )
-    return path
 
 
-async def spawn(tmp: Path, name: str, *args: str) -> Process:
-    log_path = tmp / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPAIGN_")}
-    with log_path.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "campaign", *args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-        )  # fmt: skip
-    return Process(name=name, proc=proc, log_path=log_path)
+async def sql_true(conn: asyncpg.Connection, sql: str) -> None:
+    async def check() -> bool:
+        return bool(await conn.fetchval(sql))
 
-
-async def run_to_end(tmp: Path, name: str, *args: str) -> Process:
-    process = await spawn(tmp, name, *args)
-    await asyncio.wait_for(process.proc.wait(), timeout=60)
-    return process
-
-
-async def wait_until(conn: asyncpg.Connection, sql: str, *, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await conn.fetchval(sql):
-        assert time.monotonic() < deadline, f"not true within {timeout_s} s: {sql}"
-        await asyncio.sleep(0.1)
+    await wait_until(check, interval_s=0.1, what=sql)
 
 
 async def test_full_run_as_a_least_privileged_role_prints_no_secret(
-    conn: asyncpg.Connection, worker_dsn: str, tmp_path: Path
+    conn: asyncpg.Connection, worker_dsn: str, tmp_path: Path, campaign_process: Processes
 ) -> None:
     role = urlsplit(worker_dsn).username
     assert not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role)
@@ -147,18 +108,17 @@ async def test_full_run_as_a_least_privileged_role_prints_no_secret(
 
     sim_port, hook_port = free_port(), free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
-    config = write_config(tmp_path / "c.toml", dsn=worker_dsn, base_url=sim_url, port=hook_port)
-    processes: list[Process] = []
-    simulator = await spawn(
-        tmp_path, "simulate", "simulate", "--listen", f"127.0.0.1:{sim_port}",
+    config = secure_config(tmp_path / "c.toml", dsn=worker_dsn, base_url=sim_url, port=hook_port)
+    # No dsn: the processes find the restricted role's DSN in the config file only.
+    simulator = await campaign_process.start(
+        "simulate", "--listen", f"127.0.0.1:{sim_port}",
         "--key", SERVICE_KEY, "--set", "dr_delay_max_s=0.1", "--set", "dr_batch_size=50",
     )  # fmt: skip
-    processes.append(simulator)
-    worker = await spawn(tmp_path, "worker", "--config", str(config), "worker")
-    processes.append(worker)
+    worker = await campaign_process.start("worker", config=config)
+    processes = [simulator, worker]
     try:
-        await wait_healthy(f"{sim_url}/simulate/stats", simulator)
-        await wait_healthy(f"http://127.0.0.1:{hook_port}/healthz", worker)
+        await simulator.wait_http(f"{sim_url}/simulate/stats")
+        await worker.wait_http(f"http://127.0.0.1:{hook_port}/healthz")
         mo_url = f"http://127.0.0.1:{hook_port}/webhooks/mo/{WEBHOOK_TOKEN}"
         async with aiohttp.ClientSession() as http:
             body = {"oa": "919899999999", "message": "STOP", "url": mo_url}
@@ -168,11 +128,11 @@ async def test_full_run_as_a_least_privileged_role_prints_no_secret(
             async with http.post(wrong, json=dr("x")) as resp:
                 assert resp.status == 404
         # Claims, sends, reports, matching and completion all ran as the restricted role.
-        await wait_until(
+        await sql_true(
             conn,
             f"SELECT status = 'completed' FROM campaign.campaigns WHERE id = {cid}",
         )
-        await wait_until(conn, "SELECT count(*) = 1 FROM campaign.suppressions")
+        await sql_true(conn, "SELECT count(*) = 1 FROM campaign.suppressions")
     finally:
         for process in processes:
             assert await process.stop() == 0, process.output()[-3000:]
@@ -181,14 +141,13 @@ async def test_full_run_as_a_least_privileged_role_prints_no_secret(
         "SELECT count(*) FROM campaign.recipients WHERE status = 'delivered'"
     )
     assert delivered == 200
+    run = campaign_process.run
     runs = [
-        await run_to_end(tmp_path, "status", "--config", str(config), "status"),
-        await run_to_end(tmp_path, "status-json", "--config", str(config), "status", "--json"),
-        await run_to_end(tmp_path, "status-one", "--config", str(config), "status", str(cid)),
+        await run("status", config=config, name="status"),
+        await run("status", "--json", config=config, name="status-json"),
+        await run("status", str(cid), config=config, name="status-one"),
         # An MO to a dead receiver: the simulator's failure lines must not show the URL's token.
-        await run_to_end(
-            tmp_path,
-            "send-mo",
+        await run(
             "simulate",
             "--send-mo",
             "--oa",
@@ -197,19 +156,20 @@ async def test_full_run_as_a_least_privileged_role_prints_no_secret(
             "STOP",
             "--mo-url",
             f"http://127.0.0.1:{free_port()}/webhooks/mo/{WEBHOOK_TOKEN}",
+            name="send-mo",
         ),
     ]
-    assert [r.proc.returncode for r in runs] == [0, 0, 0, 1]
+    assert [r.returncode for r in runs] == [0, 0, 0, 1]
     assert "completed" in runs[0].output()
     # The database refusing the connection: the error line names no password.
-    broken = write_config(
+    broken = secure_config(
         tmp_path / "broken.toml",
         dsn=refused_dsn(worker_dsn),
         base_url=sim_url,
         port=hook_port,
     )
-    failed = await run_to_end(tmp_path, "worker-no-db", "--config", str(broken), "worker")
-    assert failed.proc.returncode != 0
+    failed = await run("worker", config=broken, name="worker-no-db")
+    assert failed.returncode != 0
     assert "command_failed" in failed.output() or "worker_failed" in failed.output()
 
     everything = "\n".join(p.output() for p in [*processes, *runs, failed])

@@ -4,9 +4,7 @@ PostgreSQL: what reaches the API, and what every recipient becomes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,16 +15,9 @@ from structlog.testing import capture_logs
 
 from campaign.worker import Worker
 from tests.helpers.fake_api import Drop, FakeApi, Hang, Reply, api_error
-from tests.helpers.sending import (
-    SERVICE_KEY,
-    WEBHOOK_TOKEN,
-    add_recipients,
-    create_campaign,
-    drain,
-    make_settings,
-    numbers,
-    statuses,
-)
+from tests.helpers.proc import SERVICE_KEY, WEBHOOK_TOKEN, Processes, write_config
+from tests.helpers.seed import add_recipients, create_campaign, numbers, statuses
+from tests.helpers.sending import drain, make_settings
 
 
 @pytest.fixture
@@ -466,7 +457,8 @@ async def test_notify_wakes_the_producer_long_before_the_poll(api, conn, dsn) ->
         await asyncio.sleep(0.3)  # the worker is idle, listening
         cid = await create_campaign(conn)
         await add_recipients(conn, cid, numbers(3))
-        await asyncio.wait_for(api.received_event.wait(), timeout=10.0)
+        # Half the poll interval: a safety limit, not a measurement of the wake-up.
+        await asyncio.wait_for(api.received_event.wait(), timeout=30.0)
     finally:
         worker.request_stop()
         assert await asyncio.wait_for(running, timeout=10.0) == 0
@@ -497,65 +489,29 @@ async def test_stop_past_the_grace_period_leaves_in_flight_rows_in_doubt(api, co
 # --- the CLI worker as a process: SIGTERM and SIGKILL --------------------------------------
 
 
-def write_config(path: Path, base_url: str, *, lease_s: float, timeout_s: float) -> Path:
-    path.write_text(
-        f"""
-[api]
-base_url = "{base_url}"
-timeout_s = {timeout_s}
-
-[services.default]
-key = "{SERVICE_KEY}"
-sender_id = "TESTID"
-rate_per_s = 10000.0
-batch_size = 10
-max_in_flight = 1
-in_doubt_grace_s = 0.3
-
-[producer]
-poll_interval_s = 0.05
-queue_size = 2
-lease_s = {lease_s}
-backoff_base_s = 0.01
-backoff_max_s = 0.05
-recovery_interval_s = 0.1
-
-[webhooks]
-token = "{WEBHOOK_TOKEN}"
-listen = "127.0.0.1:0"
-
-[worker]
-shutdown_grace_s = 10.0
-
-[database]
-pool_min = 1
-pool_max = 4
-""",
-        encoding="utf-8",
+def cli_config(path: Path, base_url: str, *, lease_s: float, timeout_s: float) -> Path:
+    """Batches of 10, one in flight: a signal lands while most recipients still wait."""
+    return write_config(
+        path,
+        api={"base_url": base_url, "timeout_s": timeout_s},
+        services={
+            "default": {
+                "rate_per_s": 10_000.0,
+                "batch_size": 10,
+                "max_in_flight": 1,
+                "in_doubt_grace_s": 0.3,
+            }
+        },
+        producer={
+            "poll_interval_s": 0.05,
+            "queue_size": 2,
+            "lease_s": lease_s,
+            "backoff_base_s": 0.01,
+            "backoff_max_s": 0.05,
+            "recovery_interval_s": 0.1,
+        },
+        database={"pool_max": 4},
     )
-    return path
-
-
-async def start_cli_worker(
-    config_path: Path, dsn: str, log_path: Path, *args: str
-) -> asyncio.subprocess.Process:
-    env = os.environ | {"CAMPAIGN_DATABASE_DSN": dsn}
-    env.pop("CAMPAIGN_CONFIG", None)
-    with log_path.open("ab") as log_file:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "campaign",
-            "--config",
-            str(config_path),
-            "--log-format",
-            "json",
-            "worker",
-            *args,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=log_file,
-            env=env,
-        )
 
 
 async def wait_for_posting(conn: asyncpg.Connection, api: FakeApi) -> None:
@@ -568,22 +524,20 @@ async def wait_for_posting(conn: asyncpg.Connection, api: FakeApi) -> None:
 
 
 @pytest.mark.slow
-async def test_sigterm_finishes_the_request_in_flight_and_exits_0(api, conn, dsn, tmp_path) -> None:
+async def test_sigterm_finishes_the_request_in_flight_and_exits_0(
+    api, conn, dsn, tmp_path, campaign_process: Processes
+) -> None:
     api.script[0] = Hang(1.0)
     cid = await create_campaign(conn)
     await add_recipients(conn, cid, numbers(50))
-    config_path = write_config(tmp_path / "c.toml", api.base_url, lease_s=30.0, timeout_s=5.0)
-    log_path = tmp_path / "worker.log"
-    proc = await start_cli_worker(config_path, dsn, log_path, "--worker-id", "term")
-    try:
-        await wait_for_posting(conn, api)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), timeout=30.0) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    log = log_path.read_text()
+    config_path = cli_config(tmp_path / "c.toml", api.base_url, lease_s=30.0, timeout_s=5.0)
+    worker = await campaign_process.start(
+        "worker", "--worker-id", "term", config=config_path, dsn=dsn
+    )
+    await wait_for_posting(conn, api)
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(timeout_s=30.0) == 0
+    log = worker.log()
     assert '"worker_stopping"' in log and '"worker_stopped"' in log
     assert SERVICE_KEY not in log and WEBHOOK_TOKEN not in log
     # The request in flight was answered and recorded; nothing else was sent or is stuck.
@@ -601,32 +555,25 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(api, conn, dsn
 
 @pytest.mark.slow
 async def test_sigkill_mid_batch_leaves_nothing_stuck_after_restart(
-    api, conn, dsn, tmp_path
+    api, conn, dsn, tmp_path, campaign_process: Processes
 ) -> None:
     api.script[0] = Hang(60.0)
     cid = await create_campaign(conn)
     await add_recipients(conn, cid, numbers(60))
-    config_path = write_config(tmp_path / "c.toml", api.base_url, lease_s=0.5, timeout_s=1.0)
-    log_path = tmp_path / "worker.log"
-    killed = await start_cli_worker(config_path, dsn, log_path, "--worker-id", "killed")
-    try:
-        await wait_for_posting(conn, api)
-        killed.kill()
-        assert await asyncio.wait_for(killed.wait(), timeout=30.0) == -signal.SIGKILL
-    finally:
-        if killed.returncode is None:
-            killed.kill()
-            await killed.wait()
+    config_path = cli_config(tmp_path / "c.toml", api.base_url, lease_s=0.5, timeout_s=1.0)
+    killed = await campaign_process.start(
+        "worker", "--worker-id", "killed", config=config_path, dsn=dsn
+    )
+    await wait_for_posting(conn, api)
+    killed.signal(signal.SIGKILL)
+    assert await killed.wait(timeout_s=30.0) == -signal.SIGKILL
     assert (await statuses(conn, cid)).get("sending", 0) >= 10
     posted_ids = {cid_ for _, cid_, _ in api.requests[0].destinations}
 
-    restarted = await start_cli_worker(config_path, dsn, log_path, "--worker-id", "new", "--drain")
-    try:
-        assert await asyncio.wait_for(restarted.wait(), timeout=60.0) == 0
-    finally:
-        if restarted.returncode is None:
-            restarted.kill()
-            await restarted.wait()
+    restarted = await campaign_process.run(
+        "worker", "--worker-id", "new", "--drain", config=config_path, dsn=dsn, timeout_s=60.0
+    )
+    assert restarted.returncode == 0
     assert await statuses(conn, cid) == {"queued": 60}
     batches = dict(
         (r["id"], r["status"]) for r in await conn.fetch("SELECT id, status FROM campaign.batches")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import signal
-import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -28,6 +25,7 @@ from campaign.simulator import (
     SimulatorConfig,
 )
 from campaign.simulator.timestamps import parse_expiry
+from tests.helpers.proc import Processes
 from tests.helpers.sim import KEY, fast_config, post, receiver, simulator, sms
 
 REPO = Path(__file__).resolve().parents[2]
@@ -325,23 +323,30 @@ async def test_accepted_destinations_per_window_stay_within_the_rate(
     rate = 200.0
     numbers = [f"4477009{n:05d}" for n in range(50)]
     config = fast_config(rate_per_s=rate, stats_window_s=0.5)
+
+    def code_of(answer: Any) -> str:
+        response = answer.body["response"]
+        return str(response[0]["code"] if isinstance(response, list) else response["code"])
+
     async with simulator(config) as sim:
         started = time.monotonic()
         codes: list[str] = []
-        for _ in range(200):  # bounded: about 1.2 s of requests
-            if time.monotonic() - started > 1.2:
+        for _ in range(200):  # bounded; stops at the first refusal
+            codes.append(code_of(await post(session, sim, sms(numbers))))
+            if codes[-1] == "7020":
                 break
-            answer = await post(session, sim, sms(numbers))
-            response = answer.body["response"]
-            codes.append(response[0]["code"] if isinstance(response, list) else response["code"])
             await asyncio.sleep(0.01)
+        # Half a second refills 100 tokens at the least, however busy the machine.
+        await asyncio.sleep(0.5)
+        codes.append(code_of(await post(session, sim, sms(numbers))))
         elapsed = time.monotonic() - started
         stats = sim.stats(summary=True)
     accepted = stats["destinations"]["accepted"]
-    assert "7020" in codes and "1001" in codes
+    assert "7020" in codes and codes[-1] == "1001"
     # The bucket holds one second of rate; beyond that it refills at rate_per_s.
     assert accepted <= rate * 1.0 + rate * elapsed
-    assert accepted >= rate * elapsed * 0.5
+    # The full bucket went through before the first refusal, and the refill after it.
+    assert accepted >= rate * 1.0 + len(numbers)
     windows = stats["keys"][KEY]["accepted_per_window"]
     assert sum(windows.values()) == accepted
     assert all(count <= rate * 1.0 + rate * 0.5 for count in windows.values())
@@ -385,7 +390,10 @@ async def test_slow_response_is_accepted_but_answered_after_the_client_gave_up(
     session: aiohttp.ClientSession,
 ) -> None:
     async with receiver() as rec:
-        config = fast_config(faults=faults(slow_response=FaultSpec(probability=1.0, delay_s=5.0)))
+        held_s = 60.0
+        config = fast_config(
+            faults=faults(slow_response=FaultSpec(probability=1.0, delay_s=held_s))
+        )
         async with simulator(config) as sim:
             started = time.monotonic()
             with pytest.raises(TimeoutError):
@@ -393,8 +401,9 @@ async def test_slow_response_is_accepted_but_answered_after_the_client_gave_up(
                     await post(session, sim, sms(notifyurl=rec.url()))
             await rec.wait_for(1)
             stats = sim.stats()
-        # close() ends the held response at once, not after delay_s.
-        assert time.monotonic() - started < 4.0
+        # close() ends the held response, not after delay_s (however slow the machine is,
+        # far sooner than that).
+        assert time.monotonic() - started < held_s / 2
     assert stats["destinations"]["accepted"] == 1
     assert stats["faults"] == {"slow_response": 1}
     assert rec.reports()[0]["deliveryInfoNotification"]["deliveryInfo"]["code"] == "7500"
@@ -782,20 +791,12 @@ async def test_many_destinations_are_counted_exactly(session: aiohttp.ClientSess
 # --------------------------------------------------------------------------- CLI
 
 
-async def _read_line(stream: asyncio.StreamReader, timeout_s: float = 15.0) -> str:
-    async with asyncio.timeout(timeout_s):
-        return (await stream.readline()).decode()
-
-
-async def test_cli_serves_until_sigterm(session: aiohttp.ClientSession, tmp_path: Path) -> None:
+async def test_cli_serves_until_sigterm(
+    session: aiohttp.ClientSession, tmp_path: Path, campaign_process: Processes
+) -> None:
     sim_toml = tmp_path / "sim.toml"
     sim_toml.write_text('keys = ["file-key"]\n[faults.error_7006]\nrequests = [1, 1]\n')
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "campaign",
-        "--log-format",
-        "json",
+    proc = await campaign_process.start(
         "simulate",
         "--listen",
         "127.0.0.1:0",
@@ -805,14 +806,9 @@ async def test_cli_serves_until_sigterm(session: aiohttp.ClientSession, tmp_path
         "cli-key",
         "--set",
         "queued_description=Queued in burst mode",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "CAMPAIGN_CONFIG": ""},
     )
     try:
-        assert proc.stdout is not None
-        line = await _read_line(proc.stdout)
+        line = await proc.wait_line("listening on")
         assert "listening on http://127.0.0.1:" in line
         base_url = line.rsplit(" ", 1)[1].strip()
         url = base_url + "/resources/v1/messaging"
@@ -824,23 +820,19 @@ async def test_cli_serves_until_sigterm(session: aiohttp.ClientSession, tmp_path
         async with session.post(url, data=body, headers={"key": "file-key"}) as resp:
             overridden = await resp.json()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            _, stderr = await proc.communicate()
-    assert proc.returncode == 0, stderr.decode()
+        code = await proc.stop(timeout_s=15.0)
+    stderr = proc.log()
+    assert code == 0, stderr
     assert answers[0]["response"]["code"] == "7006"
     assert answers[1]["response"][0]["description"] == "Queued in burst mode"
     assert overridden["response"]["code"] == "7001"
-    assert b"simulator_stopped" in stderr
-    assert b"cli-key" not in stderr
+    assert "simulator_stopped" in stderr
+    assert "cli-key" not in stderr
 
 
-async def test_cli_send_mo_and_config_errors(tmp_path: Path) -> None:
+async def test_cli_send_mo_and_config_errors(tmp_path: Path, campaign_process: Processes) -> None:
     async with receiver() as rec:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "campaign",
+        sent = await campaign_process.run(
             "simulate",
             "--send-mo",
             "--mo-url",
@@ -849,32 +841,14 @@ async def test_cli_send_mo_and_config_errors(tmp_path: Path) -> None:
             "447700900001",
             "--message",
             "STOP",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=REPO,
-            env={**os.environ, "CAMPAIGN_CONFIG": ""},
+            timeout_s=15.0,
         )
-        async with asyncio.timeout(15):
-            await proc.communicate()
-    assert proc.returncode == 0
+    assert sent.returncode == 0
     assert rec.received[0].body["message"] == "STOP"
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "campaign",
-        "simulate",
-        "--set",
-        "dr_batch_size=0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "CAMPAIGN_CONFIG": ""},
-    )
-    async with asyncio.timeout(15):
-        _, stderr = await proc.communicate()
-    assert proc.returncode == 2
-    assert b"dr_batch_size" in stderr
+    refused = await campaign_process.run("simulate", "--set", "dr_batch_size=0", timeout_s=15.0)
+    assert refused.returncode == 2
+    assert "dr_batch_size" in refused.log()
 
 
 def test_example_config_shows_every_knob_with_its_default() -> None:

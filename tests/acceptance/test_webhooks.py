@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import os
 import random
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from campaign import db, metrics
+from tests.helpers.proc import Processes, write_config
 from tests.helpers.webhooks import TOKEN, dr, mo, running_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -356,44 +355,18 @@ async def test_fifty_clients_20000_reports_committed_in_groups_each_once(
     assert sorted(r["transid"] for r in stored) == transids
 
 
-async def _start_receiver(config_path: Path, dsn: str) -> tuple[asyncio.subprocess.Process, str]:
-    env = os.environ | {"CAMPAIGN_DATABASE_DSN": dsn}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "campaign",
-        "--config",
-        str(config_path),
-        "--log-format",
-        "json",
-        "webhooks",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    async with asyncio.timeout(30):
-        while True:
-            line = await proc.stderr.readline()
-            assert line, "receiver exited before it started"
-            event = orjson.loads(line)
-            if event.get("event") == "webhooks_started":
-                return proc, str(event["url"])
-
-
-async def _drain(stream: asyncio.StreamReader | None, lines: list[bytes]) -> None:
-    assert stream is not None
-    while line := await stream.readline():
-        lines.append(line)
-
-
 async def test_killed_mid_run_every_200_was_committed_and_retries_store_once(
-    dsn: str, conn: asyncpg.Connection, tmp_path: Path, http: aiohttp.ClientSession
+    dsn: str,
+    conn: asyncpg.Connection,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    campaign_process: Processes,
 ) -> None:
-    config_path = tmp_path / "campaign.toml"
-    config_path.write_text(
-        f'[webhooks]\nlisten = "127.0.0.1:0"\ntoken = "{TOKEN}"\ngroup_max = 500\n'
-        "[database]\npool_min = 1\npool_max = 4\n[reconciler]\ninterval_s = 0.5\n"
+    config_path = write_config(
+        tmp_path / "campaign.toml",
+        webhooks={"token": TOKEN, "group_max": 500},
+        database={"pool_max": 4},
+        reconciler={"interval_s": 0.5},
     )
     rng = random.Random(7)
     transids = [f"K{i:05d}" for i in range(20_000)]
@@ -402,9 +375,8 @@ async def test_killed_mid_run_every_200_was_committed_and_retries_store_once(
     unacked: list[list[str]] = []
     killed = asyncio.Event()
 
-    proc, url = await _start_receiver(config_path, dsn)
-    stderr: list[bytes] = []
-    drain = asyncio.create_task(_drain(proc.stderr, stderr))
+    first = await campaign_process.start("webhooks", config=config_path, dsn=dsn)
+    url = str((await first.wait_event("webhooks_started"))["url"])
 
     async def client(chunks: list[list[str]]) -> None:
         for chunk in chunks:
@@ -424,20 +396,14 @@ async def test_killed_mid_run_every_200_was_committed_and_retries_store_once(
     async def killer() -> None:
         while len(acked) < 6000:
             await asyncio.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
+        first.signal(signal.SIGKILL)
         killed.set()
 
-    try:
-        async with asyncio.timeout(120):
-            kill = asyncio.create_task(killer())
-            await asyncio.gather(*(client(chunks) for chunks in per_client))
-            await kill
-            assert await proc.wait() == -signal.SIGKILL
-            await drain
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with asyncio.timeout(120):
+        kill = asyncio.create_task(killer())
+        await asyncio.gather(*(client(chunks) for chunks in per_client))
+        await kill
+        assert await first.wait() == -signal.SIGKILL
 
     stored = {
         r["transid"] for r in await conn.fetch("SELECT transid FROM campaign.delivery_reports")
@@ -448,25 +414,18 @@ async def test_killed_mid_run_every_200_was_committed_and_retries_store_once(
     assert len(acked) >= 6000
 
     killed.clear()
-    proc, url = await _start_receiver(config_path, dsn)
-    drain = asyncio.create_task(_drain(proc.stderr, stderr))
-    try:
-        async with asyncio.timeout(120):
-            retry = unacked
-            unacked = []
-            await asyncio.gather(*(client(retry[c::50]) for c in range(50)))
-            assert unacked == []
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
-            await drain
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    second = await campaign_process.start("webhooks", config=config_path, dsn=dsn)
+    url = str((await second.wait_event("webhooks_started"))["url"])
+    async with asyncio.timeout(120):
+        retry = unacked
+        unacked = []
+        await asyncio.gather(*(client(retry[c::50]) for c in range(50)))
+        assert unacked == []
+        assert await second.stop() == 0
 
     rows = await conn.fetch("SELECT transid FROM campaign.delivery_reports")
     assert len(rows) == 20_000
     assert {r["transid"] for r in rows} == set(transids)
-    events = [orjson.loads(line).get("event") for line in stderr]
+    events = first.event_names() + second.event_names()
     assert "webhooks_stopping" in events
-    assert TOKEN not in b"".join(stderr).decode()
+    assert TOKEN not in first.log() + second.log()

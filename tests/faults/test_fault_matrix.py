@@ -28,6 +28,7 @@ from tests.helpers.faults import (
     wait_final,
 )
 from tests.helpers.pgprivate import pg_bin, private_server
+from tests.helpers.proc import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,10 @@ async def test_worker_sigkilled_five_times(conn, dsn, tmp_path: Path) -> None:
             kills = 0
             for n in range(5):
                 worker = await run.start_worker(f"killed-{n}", drain=True)
-                await asyncio.sleep(rnd.uniform(0.8, 2.0))
+                # Past its start-up, however long a busy machine takes: the kill lands
+                # while it holds batches.
+                await worker.wait_event("batch_claimed")
+                await asyncio.sleep(rnd.uniform(0.2, 1.0))
                 if worker.proc.returncode is None:
                     await worker.kill()
                     kills += 1
@@ -119,7 +123,8 @@ async def test_postgresql_restarted_mid_campaign(tmp_path: Path) -> None:
                 await run.start_webhooks()
                 t0 = time.monotonic()
                 worker = await run.start_worker("w1", drain=True)
-                await asyncio.sleep(2.0)
+                await worker.wait_event("batch_claimed")
+                await asyncio.sleep(1.0)
                 assert worker.proc.returncode is None, worker.output()
                 probe = await db.connect(server.dsn)
                 try:
@@ -212,24 +217,34 @@ async def test_several_workers_one_killed(workers: int, conn, dsn, tmp_path: Pat
     rnd = random.Random(workers)
     sim = await start_simulator(sim_config())
     try:
-        campaign_id = await seed(conn)
+        # Ready only once every worker is up: then each takes a share, however long its
+        # start-up took on a busy machine.
+        campaign_id = await seed(conn, status="draft")
         rate = 4000.0 / workers
         async with fault_run(
             dsn, sim, tmp_path, service={"rate_per_s": rate, "batch_size": 500}
         ) as run:
             await run.start_webhooks()
+            started = [await run.start_worker(f"w{n}") for n in range(workers)]
+
+            async def all_registered() -> bool:
+                live = await conn.fetchval("SELECT count(*) FROM campaign.workers")
+                return bool(live == workers)
+
+            await wait_until(all_registered, what=f"{workers} workers registered")
+            await conn.execute(
+                "UPDATE campaign.campaigns SET status = 'ready' WHERE id = $1", campaign_id
+            )
             t0 = time.monotonic()
-            started = [await run.start_worker(f"w{n}", drain=True) for n in range(workers)]
-            # Past every worker's start-up (three Python processes on two cores take a while).
-            await asyncio.sleep(rnd.uniform(2.0, 3.0))
             victim = started[rnd.randrange(workers)]
-            assert victim.proc.returncode is None, "the campaign ended before the kill"
+            await victim.wait_event("batch_claimed")
+            await asyncio.sleep(rnd.uniform(0.2, 1.0))
+            assert victim.proc.returncode is None, "the victim exited before the kill"
+            assert await conn.fetchval(
+                "SELECT count(*) FROM campaign.recipients WHERE status = 'pending'"
+            ), "the campaign ended before the kill"
             await victim.kill()
-            for worker in started:
-                if worker is victim:
-                    continue
-                code = await asyncio.wait_for(worker.proc.wait(), timeout=60)
-                assert code == 0, worker.output()[-5000:]
+            # The survivors take over the victim's batches once its leases expire.
             await finish(
                 run,
                 conn,
@@ -238,6 +253,11 @@ async def test_several_workers_one_killed(workers: int, conn, dsn, tmp_path: Pat
                 fault=f"{workers} workers, one SIGKILLed",
                 started_at=t0,
             )
+            for worker in started:
+                if worker is victim:
+                    continue
+                code = await worker.stop(timeout_s=60)
+                assert code == 0, worker.output()[-5000:]
             claimers = await conn.fetchval("SELECT count(DISTINCT worker_id) FROM campaign.batches")
             assert claimers == workers, "every worker took a share"
     finally:

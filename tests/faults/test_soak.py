@@ -18,14 +18,9 @@ import psutil
 import pytest
 
 from campaign.simulator import start_simulator
-from tests.helpers.faults import (
-    SOAK,
-    WEBHOOK_TOKEN,
-    fault_run,
-    seed,
-    sim_config,
-    wait_final,
-)
+from tests.helpers.faults import SOAK, fault_run, seed, sim_config, wait_final
+from tests.helpers.proc import WEBHOOK_TOKEN
+from tests.helpers.seed import create_campaign
 from tests.helpers.webhooks import dr
 
 pytestmark = pytest.mark.slow
@@ -41,10 +36,7 @@ MAX_TRIES = 20
 
 async def seed_queued(conn: asyncpg.Connection, count: int) -> int:
     """A running campaign of `count` accepted recipients (transids soak-N) awaiting reports."""
-    campaign_id = await conn.fetchval(
-        "INSERT INTO campaign.campaigns (name, service, body, status) "
-        "VALUES ('soak', 'default', 'hi', 'running') RETURNING id"
-    )
+    campaign_id = await create_campaign(conn, name="soak", body="hi", status="running")
     await conn.execute(
         "INSERT INTO campaign.recipients (campaign_id, msisdn, status, transid, sent_at) "
         "SELECT $1, '9197' || lpad(n::text, 8, '0'), 'queued', 'soak-' || n, now() "
@@ -52,7 +44,7 @@ async def seed_queued(conn: asyncpg.Connection, count: int) -> int:
         campaign_id,
         count,
     )
-    return int(campaign_id)
+    return campaign_id
 
 
 @pytest.mark.timeout(SOAK_S + 480)

@@ -1,10 +1,22 @@
 """A small stand-in for `POST /resources/v1/messaging` on 127.0.0.1, over real sockets.
 
-It answers like the API in the reference sheet (HTTP 200 in both shapes, one result per
-destination with its correlation id; 7001 / 7002 / 7009 / 7004 checks), records every
-request it read, and can be told, per request number, to answer something else: an API
-error, an HTTP status, a dropped connection after reading the body (accepted, so the
-messages count as sent), or a reply slower than the client's timeout.
+Kept beside the simulator (campaign/simulator.py, tests/helpers/sim.py) for two things the
+simulator does not do, used by tests/acceptance/test_sending.py and test_bad_input.py:
+
+- It records every request: the parsed body and, per destination, (msisdn, correlation
+  id, text) in arrival order, with its arrival time. Tests assert on the exact payload the
+  sender built (personalised texts, channels, smartlinks, template, sms type, priority,
+  callbackData, notifyurl, expiry), on each request's size and order, and on arrival times
+  at the server. The simulator keeps counters only on its hot path.
+- It answers request number N with anything: an API error code (7003, 7004, 7009, 7020,
+  7108), an HTTP status with any body and headers (429 with Retry-After: 0, 503 with a text
+  body, 400), a per-msisdn rejection, a dropped connection or a hang on exactly that
+  request. The simulator injects only 500 / 7006 / slow / drop faults, and answers 7003,
+  7004, 7009, 7020 or 7108 only to requests that really are invalid or over its rate.
+
+Otherwise it answers like the API in the reference sheet (HTTP 200 in both shapes, one
+result per destination with its correlation id; 7001 / 7002 / 7009 / 7004 checks).
+Anything that needs reports, rates or faults end to end uses the simulator instead.
 """
 
 from __future__ import annotations

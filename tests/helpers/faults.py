@@ -1,5 +1,6 @@
-"""The fault matrix's harness: real `python -m campaign` processes, the simulator in this
-process, a campaign's ledger checked against what the simulator accepted.
+"""The fault matrix's harness: real `python -m campaign` processes (tests/helpers/proc.py),
+the simulator in this process, a campaign's ledger checked against what the simulator
+accepted.
 
 `FaultRun` starts the webhooks process (receiver + reconciler) and workers against one
 database; `ledger()` compares every recipient with the simulator's record; `RESULTS`
@@ -10,24 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from campaign.simulator import Simulator, SimulatorConfig
-from tests.helpers.sending import add_recipients, create_campaign, numbers
+from tests.helpers.proc import (
+    SERVICE_KEY,
+    CampaignProcess,
+    Processes,
+    free_port,
+    processes,
+    webhooks_at,
+    write_config,
+)
+from tests.helpers.seed import campaign_with_recipients
 
-SERVICE_KEY = "faults-service-key-8c1d"
-WEBHOOK_TOKEN = "faults-webhook-token-42e7"
 FINAL = frozenset(
     {"delivered", "failed", "rejected", "invalid", "suppressed", "expired", "cancelled"}
 )
@@ -80,167 +83,73 @@ def sim_config(**knobs: Any) -> SimulatorConfig:
     return SimulatorConfig(**values)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(
+def fault_config(
     path: Path,
     *,
-    dsn: str,
     base_url: str,
     webhook_port: int,
     service: Mapping[str, Any] | None = None,
     api_timeout_s: float = 2.0,
     lease_s: float = 3.0,
 ) -> Path:
-    """A campaign config scaled for the fault runs: fast polls, short leases and backoff."""
-    values: dict[str, Any] = {
-        "key": SERVICE_KEY,
-        "sender_id": "FAULTS",
-        "rate_per_s": 20_000.0,
-        "batch_size": 1000,
-        "max_in_flight": 4,
-        "in_doubt_grace_s": 15.0,
-        "max_attempts": 20,
-    } | dict(service or {})
-    service_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in values.items())
-    path.write_text(
-        f"""
-[database]
-dsn = {_toml(dsn)}
-pool_min = 1
-pool_max = 6
-connect_timeout_s = 5.0
-
-[api]
-base_url = {_toml(base_url)}
-timeout_s = {api_timeout_s}
-
-[services.default]
-{service_lines}
-
-[producer]
-poll_interval_s = 0.1
-queue_size = 4
-lease_s = {lease_s}
-backoff_base_s = 0.05
-backoff_max_s = 0.5
-recovery_interval_s = 0.25
-
-[webhooks]
-listen = "127.0.0.1:{webhook_port}"
-public_url = "http://127.0.0.1:{webhook_port}"
-token = {_toml(WEBHOOK_TOKEN)}
-store_timeout_s = 3.0
-
-[reconciler]
-interval_s = 0.1
-
-[worker]
-shutdown_grace_s = 5.0
-stats_interval_s = 5.0
-
-[logging]
-format = "json"
-level = "info"
-""",
-        encoding="utf-8",
+    """The test config scaled for the fault runs: fast polls, short leases and backoff."""
+    return write_config(
+        path,
+        api={"base_url": base_url, "timeout_s": api_timeout_s},
+        services={
+            "default": {
+                "sender_id": "FAULTS",
+                "rate_per_s": 20_000.0,
+                "batch_size": 1000,
+                "max_in_flight": 4,
+                "in_doubt_grace_s": 15.0,
+                "max_attempts": 20,
+            }
+            | dict(service or {})
+        },
+        producer={
+            "poll_interval_s": 0.1,
+            "lease_s": lease_s,
+            "backoff_base_s": 0.05,
+            "backoff_max_s": 0.5,
+            "recovery_interval_s": 0.25,
+        },
+        webhooks=webhooks_at(webhook_port) | {"store_timeout_s": 3.0},
+        worker={"shutdown_grace_s": 5.0, "stats_interval_s": 5.0},
     )
-    return path
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
-@dataclass
-class Process:
-    """One `python -m campaign` subprocess, its output in a file."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    log_path: Path
-
-    async def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    async def stop(self, *, timeout_s: float = 15.0) -> int:
-        """SIGTERM and wait; SIGKILL when it does not stop within the safety limit."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout=timeout_s)
-        except TimeoutError:
-            await self.kill()
-            return -9
-
-    def output(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
 @dataclass
 class FaultRun:
-    """Processes of one fault run against one database; everything stopped on exit."""
+    """Processes of one fault run against one database; all killed on exit."""
 
     dsn: str
     config_path: Path
-    workdir: Path
     webhook_port: int
-    processes: list[Process] = field(default_factory=list)
-    _counter: int = 0
+    started: Processes
 
-    async def spawn(self, *args: str, name: str) -> Process:
-        self._counter += 1
-        log_path = self.workdir / f"{self._counter:02d}-{name}.log"
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        env.pop("CAMPAIGN_CONFIG", None)
-        env.pop("CAMPAIGN_DATABASE_DSN", None)
-        with log_path.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "campaign",
-                "--config",
-                str(self.config_path),
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env=env,
-            )
-        process = Process(name=name, proc=proc, log_path=log_path)
-        self.processes.append(process)
+    @property
+    def processes(self) -> list[CampaignProcess]:
+        return self.started.started
+
+    async def start_webhooks(self) -> CampaignProcess:
+        process = await self.started.start(
+            "webhooks", config=self.config_path, dsn=self.dsn, name="webhooks"
+        )
+        await process.wait_http(f"http://127.0.0.1:{self.webhook_port}/healthz")
         return process
 
-    async def start_webhooks(self) -> Process:
-        process = await self.spawn("webhooks", name="webhooks")
-        await wait_healthy(f"http://127.0.0.1:{self.webhook_port}/healthz", process)
-        return process
-
-    async def start_worker(self, name: str, *, drain: bool = False) -> Process:
+    async def start_worker(self, name: str, *, drain: bool = False) -> CampaignProcess:
         # The receiver and reconciler run in their own process (start_webhooks), so
         # several senders can share one database and one DR URL.
-        args = ["worker", "--worker-id", name, "--no-webhooks", "--no-reconciler"]
+        args = ["--worker-id", name, "--no-webhooks", "--no-reconciler"]
         args += ["--drain"] if drain else []
-        return await self.spawn(*args, name=name)
-
-    async def close(self) -> None:
-        for process in self.processes:
-            if process.proc.returncode is None:
-                await process.stop()
+        return await self.started.start(
+            "worker", *args, config=self.config_path, dsn=self.dsn, name=name
+        )
 
     def outputs(self) -> str:
-        return "\n".join(f"==== {p.log_path.name}\n{p.output()}" for p in self.processes)
+        return self.started.outputs()
 
 
 @contextlib.asynccontextmanager
@@ -254,48 +163,28 @@ async def fault_run(
     lease_s: float = 3.0,
 ) -> AsyncIterator[FaultRun]:
     port = free_port()
-    config_path = write_config(
+    config_path = fault_config(
         workdir / "campaign.toml",
-        dsn=dsn,
         base_url=sim.base_url,
         webhook_port=port,
         service=service,
         api_timeout_s=api_timeout_s,
         lease_s=lease_s,
     )
-    run = FaultRun(dsn=dsn, config_path=config_path, workdir=workdir, webhook_port=port)
-    try:
-        yield run
-    finally:
-        await run.close()
+    async with processes(workdir) as started:
+        yield FaultRun(dsn=dsn, config_path=config_path, webhook_port=port, started=started)
 
 
-async def wait_healthy(url: str, process: Process, *, timeout_s: float = 30.0) -> None:
-    """Until GET url answers 200; fails early when the process died."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process.proc.returncode is not None:
-                raise AssertionError(f"{process.name} exited early:\n{process.output()}")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} not healthy within {timeout_s} s:\n{process.output()}")
-
-
-async def seed(conn: asyncpg.Connection, count: int = RECIPIENTS) -> int:
-    """A ready campaign of `count` valid, distinct numbers, inserted in one transaction."""
-    async with conn.transaction():
-        campaign_id = await create_campaign(
-            conn, name="faults", body="Fault run $(n)", status="draft"
-        )
-        await add_recipients(conn, campaign_id, numbers(count), [{"n": i} for i in range(count)])
-        await conn.execute(
-            "UPDATE campaign.campaigns SET status = 'ready' WHERE id = $1", campaign_id
-        )
-    return campaign_id
+async def seed(conn: asyncpg.Connection, count: int = RECIPIENTS, *, status: str = "ready") -> int:
+    """A campaign of `count` valid, distinct numbers, inserted in one transaction."""
+    return await campaign_with_recipients(
+        conn,
+        count,
+        name="faults",
+        body="Fault run $(n)",
+        status=status,
+        variables=lambda i: {"n": i},
+    )
 
 
 async def wait_final(

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers.faults import free_port
+from tests.helpers.proc import free_port
 
 
 def pg_bin() -> Path | None:

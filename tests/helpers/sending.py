@@ -1,74 +1,16 @@
-"""Seeding and settings for tests of the sending pipeline (producer, senders, worker)."""
+"""Settings for in-process tests of the sending pipeline (producer, senders, worker), and
+a drain run; rows come from tests/helpers/seed.py."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
-
-import asyncpg
 
 from campaign import config
 from campaign.worker import Worker
-
-SERVICE_KEY = "test-service-key-1234"
-WEBHOOK_TOKEN = "test-webhook-token-5678"
-
-
-def numbers(count: int, *, start: int = 0) -> list[str]:
-    """Valid Indian mobile numbers in the API's form (country code, no '+')."""
-    return [f"9198{start + i:08d}" for i in range(count)]
-
-
-async def create_campaign(conn: asyncpg.Connection, **columns: Any) -> int:
-    values: dict[str, Any] = {
-        "name": "test",
-        "service": "default",
-        "body": "Hello",
-        "status": "ready",
-    } | columns
-    if "template_id" in columns and "body" not in columns:
-        values["body"] = None
-    names = ", ".join(values)
-    params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
-    return int(
-        await conn.fetchval(
-            f"INSERT INTO campaign.campaigns ({names}) VALUES ({params}) RETURNING id",
-            *values.values(),
-        )
-    )
-
-
-async def add_recipients(
-    conn: asyncpg.Connection,
-    campaign_id: int,
-    msisdns: Sequence[str],
-    variables: Sequence[Mapping[str, Any]] | None = None,
-) -> list[int]:
-    """Insert recipients in order; returns their ids in the same order."""
-    rows = await conn.fetch(
-        """
-        INSERT INTO campaign.recipients (campaign_id, msisdn, variables)
-        SELECT $1, m, v
-          FROM unnest($2::text[], $3::jsonb[]) WITH ORDINALITY AS u(m, v, n)
-         ORDER BY n
-        RETURNING id
-        """,
-        campaign_id,
-        list(msisdns),
-        list(variables) if variables is not None else [{} for _ in msisdns],
-    )
-    return sorted(r["id"] for r in rows)
-
-
-async def statuses(conn: asyncpg.Connection, campaign_id: int) -> dict[str, int]:
-    rows = await conn.fetch(
-        "SELECT status, count(*) AS n FROM campaign.recipients WHERE campaign_id = $1 "
-        "GROUP BY status",
-        campaign_id,
-    )
-    return {r["status"]: r["n"] for r in rows}
+from tests.helpers.proc import SERVICE_KEY, WEBHOOK_TOKEN
 
 
 def make_settings(

@@ -13,6 +13,7 @@ import orjson
 from campaign import db, reports
 from campaign.config import OptOutSettings, WebhookSettings
 from campaign.webhooks import WebhookServer, report_columns
+from tests.helpers.seed import create_campaign
 
 TOKEN = "tok-3f9c2a7e51d84b06"
 BASE_TIME = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
@@ -91,11 +92,7 @@ async def seed_campaign(
     transids: bool = True,
 ) -> tuple[int, list[asyncpg.Record]]:
     """A campaign with one recipient per status; recipients past `sending` get a transid."""
-    campaign_id = await conn.fetchval(
-        "INSERT INTO campaign.campaigns (name, service, body, status) "
-        "VALUES ('c', 'default', 'hello', $1) RETURNING id",
-        campaign_status,
-    )
+    campaign_id = await create_campaign(conn, name="c", body="hello", status=campaign_status)
     rows = []
     for index, status in enumerate(statuses):
         with_transid = transids and status not in ("pending", "sending", "unknown")
@@ -110,7 +107,7 @@ async def seed_campaign(
             status not in ("pending", "sending"),
         )
         rows.append(row)
-    return int(campaign_id), rows
+    return campaign_id, rows
 
 
 def minutes(n: float) -> datetime:

@@ -12,7 +12,7 @@ from campaign import db
 from campaign.producer import QUERIES as PRODUCER_QUERIES
 from campaign.recovery import QUERIES as RECOVERY_QUERIES
 from campaign.sender import QUERIES as SENDER_QUERIES
-from tests.helpers.sending import add_recipients, create_campaign, numbers, statuses
+from tests.helpers.seed import add_recipients, create_campaign, numbers, statuses
 
 
 @pytest.fixture(scope="module")

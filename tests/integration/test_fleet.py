@@ -4,8 +4,6 @@ the fleet-wide AIMD factor; and `campaign prune`, table by table, in bounded chu
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +15,8 @@ from campaign import config, db
 from campaign.commands.prune import Pruner
 from campaign.fleet import Fleet, WorkerIdInUse
 from campaign.ratelimit import ServiceLimiter
+from tests.helpers.proc import Processes, write_config
+from tests.helpers.seed import add_recipients, create_campaign, numbers
 
 
 class Clock:
@@ -230,16 +230,8 @@ async def test_the_aimd_factor_is_the_fleets(pool: asyncpg.Pool) -> None:
 
 
 async def _campaign(conn: asyncpg.Connection, status: str, recipients: int, age: str) -> int:
-    cid = await conn.fetchval(
-        "INSERT INTO campaign.campaigns (name, service, body, status) "
-        "VALUES ('p', 'default', 'x', 'ready') RETURNING id"
-    )
-    await conn.execute(
-        "INSERT INTO campaign.recipients (campaign_id, msisdn, status) "
-        "SELECT $1, '9198' || lpad(g::text, 8, '0'), 'delivered' FROM generate_series(1, $2) g",
-        cid,
-        recipients,
-    )
+    cid = await create_campaign(conn, name="p", body="x")
+    await add_recipients(conn, cid, numbers(recipients, start=1), status="delivered")
     await conn.execute(
         "INSERT INTO campaign.batches (campaign_id, service, worker_id, status, lease_until, "
         "finished_at) SELECT $1, 'default', 'w', 'done', now(), now() FROM generate_series(1, 3)",
@@ -384,25 +376,12 @@ async def test_zero_days_keeps_rows_forever(pool: asyncpg.Pool, conn: asyncpg.Co
     )
 
 
-async def test_campaign_prune_command(conn: asyncpg.Connection, dsn: str, tmp_path: Path) -> None:
+async def test_campaign_prune_command(
+    conn: asyncpg.Connection, dsn: str, tmp_path: Path, campaign_process: Processes
+) -> None:
     await _seed_old_and_new(conn)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text("[retention]\ncampaigns_days = 30\nbatch_size = 1000\n", encoding="utf-8")
-    env = os.environ | {"CAMPAIGN_DATABASE_DSN": dsn}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "campaign",
-        "--config",
-        str(cfg),
-        "--log-format",
-        "json",
-        "prune",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=60.0)
-    assert proc.returncode == 0, err.decode()
-    assert b'"prune_finished"' in err
+    cfg = write_config(tmp_path / "c.toml", retention={"campaigns_days": 30, "batch_size": 1000})
+    pruned = await campaign_process.run("prune", config=cfg, dsn=dsn)
+    assert pruned.returncode == 0, pruned.log()
+    assert "prune_finished" in pruned.event_names()
     assert await conn.fetchval("SELECT count(*) FROM campaign.campaigns") == 2

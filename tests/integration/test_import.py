@@ -5,16 +5,11 @@ import asyncpg
 import pytest
 
 from campaign.commands import importer
+from tests.helpers.seed import create_campaign
 
 
 async def _campaign(conn: asyncpg.Connection, status: str = "draft") -> int:
-    return int(
-        await conn.fetchval(
-            "INSERT INTO campaign.campaigns (name, service, body, status) "
-            "VALUES ('c', 'default', 'Hi $(name)', $1) RETURNING id",
-            status,
-        )
-    )
+    return await create_campaign(conn, name="c", body="Hi $(name)", status=status)
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> Path:

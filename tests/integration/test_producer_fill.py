@@ -12,7 +12,7 @@ from campaign import config, db
 from campaign import producer as producer_module
 from campaign.batch import Lane
 from campaign.producer import Producer
-from tests.helpers.sending import add_recipients, create_campaign, numbers
+from tests.helpers.seed import add_recipients, create_campaign, numbers
 
 
 def make_producer(

@@ -1,13 +1,12 @@
 import dataclasses
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from campaign import config
+from tests.helpers.proc import Processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,16 +134,12 @@ def test_missing_file(tmp_path: Path) -> None:
         config.load(tmp_path / "absent.toml")
 
 
-def test_cli_exits_non_zero_with_one_line_naming_key_and_file(tmp_path: Path) -> None:
+async def test_cli_exits_non_zero_with_one_line_naming_key_and_file(
+    tmp_path: Path, campaign_process: Processes
+) -> None:
     path = _write(tmp_path, "[services.a]\nkey = 'k'\nrate_per_s = 0\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "campaign", "--config", str(path), "migrate"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = await campaign_process.run("migrate", config=path)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    lines = result.log().strip().splitlines()
     assert len(lines) == 1
     assert str(path) in lines[0] and "rate_per_s" in lines[0]
