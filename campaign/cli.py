@@ -80,10 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run the whole product on this machine with an embedded "
         "database and the built-in API simulator",
+        description="Seed a campaign and send it through the built-in API simulator. The "
+        "terminal shows progress and warnings; every event goes to the log file.",
     )
     p.add_argument("--recipients", type=int, default=100_000, help="recipients to seed")
     p.add_argument(
         "--rate", type=float, default=20_000.0, help="service rate in destinations per second"
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help=f"where the log goes, as JSON lines (default: {demo.default_log_file()})",
     )
     p.set_defaults(handler=demo.run)
 

@@ -1,5 +1,5 @@
 """The real `campaign worker` as a subprocess, every role in one process, against the
-simulator over real sockets: lifecycle, control by SQL, visibility, the demo."""
+simulator over real sockets: lifecycle, control by SQL, visibility."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -419,37 +418,3 @@ async def test_receiver_only_worker_serves_health_and_no_sender(
         assert await worker.wait() == 0
     finally:
         await worker.kill()
-
-
-def test_demo_runs_and_prints_its_summary(dsn: str) -> None:
-    env = os.environ | {"CAMPAIGN_DATABASE_DSN": dsn}
-    env.pop("CAMPAIGN_CONFIG", None)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "campaign",
-            "--log-format",
-            "json",
-            "demo",
-            "--recipients",
-            "600",
-            "--rate",
-            "2000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
-    assert ": completed" in out
-    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
-    assert int(lines["total"][1].replace(",", "")) == 600
-    assert int(lines["invalid"][1]) == 5  # four malformed numbers and one missing variable
-    assert int(lines["suppressed"][1]) == 1  # the STOP reply
-    delivered = int(lines["delivered"][1].replace(",", ""))
-    assert delivered > 500
-    assert "report lag" in out and "data: postgresql://" in out
