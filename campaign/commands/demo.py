@@ -10,6 +10,9 @@ logging the CLI set up, so every event goes as JSON lines (secrets redacted) to 
 it names, and only warnings and errors reach the terminal. On a terminal they are printed
 above rich's progress bars through the same Console, so the two never share a line; piped,
 the demo writes one line per finished stage instead of bars.
+
+Each run deletes the demo campaigns of earlier runs first, so the embedded database holds
+one run's rows, not every run's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import socket
 import sys
 import time
@@ -48,6 +52,10 @@ QUERIES = (
     "demo_is_suppressed",
     "demo_campaign_status",
     "demo_delivery_stats",
+    "demo_delete_earlier",
+    "demo_vacuum",
+    "demo_limit_wal",
+    "demo_reload_config",
     "control_resume",
 )
 
@@ -89,6 +97,16 @@ def embedded_data_dir(settings: config.Settings) -> Path | None:
     if settings.database_dsn:
         return None
     return Path(settings.database.data_dir) if settings.database.data_dir else db.default_data_dir()
+
+
+def _disk_size(path: Path) -> str:
+    size_b = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            # A running server removes and recycles files while we count.
+            with contextlib.suppress(OSError):
+                size_b += os.lstat(os.path.join(folder, name)).st_size
+    return f"{size_b / 1e6:,.0f} MB"
 
 
 class _ConsoleHandler(logging.Handler):
@@ -239,6 +257,16 @@ class _WorkerStopped(Exception):
         self.code = code
 
 
+async def _delete_earlier_runs(conn: db.Connection, screen: Screen) -> None:
+    deleted = int(await conn.fetchval(_queries()["demo_delete_earlier"], SERVICE))
+    if deleted:
+        await conn.execute(_queries()["demo_vacuum"])
+        log.info("demo_earlier_runs_deleted", campaigns=deleted)
+        screen.say(
+            f"cleanup  deleted {deleted:,} earlier demo campaign(s); this run reuses the space"
+        )
+
+
 async def run_demo(
     dsn: str,
     settings: config.Settings,
@@ -257,6 +285,10 @@ async def run_demo(
             applied=len(applied),
             schema_version=await db.schema_version(conn),
         )
+        if where.data_dir is not None:
+            await conn.execute(_queries()["demo_limit_wal"])
+            await conn.fetchval(_queries()["demo_reload_config"])
+        await _delete_earlier_runs(conn, screen)
         with screen:
             screen.start("seeding", recipients)
             campaign_id, total = await _seed(conn, recipients)
@@ -406,7 +438,12 @@ def _print_summary(
         f"  simulator             {destinations.get('accepted', 0):,} destinations "
         f"accepted, {reports.get('sent', 0):,} reports sent\n"
     )
-    out.write(f"\n  data: {where.database()}\n")
+    out.write(f"\n  data: {where.database()}")
+    if where.data_dir is not None:
+        out.write(f", {_disk_size(where.data_dir)} on disk\n")
+        out.write("        the next run replaces this campaign\n")
+    else:
+        out.write("\n")
     out.write(f"  log:  {where.log_file}\n")
     out.write(f"  look: campaign status {campaign_id}    or in psql: table campaign.recipients\n")
     out.flush()

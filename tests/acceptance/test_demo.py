@@ -1,5 +1,6 @@
 """`campaign demo` as a user runs it, piped: one line per stage and a summary on the
-terminal streams, every event in the log file it names, no secret anywhere."""
+terminal streams, every event in the log file it names, no secret anywhere; earlier demo
+campaigns deleted at the start."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import orjson
 
-from campaign.commands.demo import SERVICE_KEY, TOKEN
+from campaign import db
+from campaign.commands.demo import SERVICE, SERVICE_KEY, TOKEN
 
 
 def run_campaign(
@@ -76,3 +79,49 @@ def test_demo_piped_prints_a_line_per_stage_and_logs_to_its_file(dsn: str, tmp_p
 
     for text in (out, err, log_file.read_text()):
         assert SERVICE_KEY not in text and TOKEN not in text
+
+
+async def test_demo_deletes_earlier_demo_campaigns_and_nothing_else(
+    dsn: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    queries = db.load_queries()
+    # An interrupted earlier run: its campaign, recipients and a matched report are left.
+    earlier = await conn.fetchval(queries["demo_create_campaign"], SERVICE, "Hi $(name)")
+    await conn.execute(queries["demo_seed_recipients"], earlier, 50)
+    await conn.execute(
+        "INSERT INTO campaign.delivery_reports (transid, code, state, recipient_id, raw) "
+        "SELECT 't1', '7500', 'matched', min(id), '{}' FROM campaign.recipients "
+        "WHERE campaign_id = $1",
+        earlier,
+    )
+    # An application's campaign in the same database stays, as do its recipients.
+    mine = await conn.fetchval(
+        "INSERT INTO campaign.campaigns (name, service, body) "
+        "VALUES ('demo of mine', 'demo', 'Hi') RETURNING id"
+    )
+    await conn.execute(
+        "INSERT INTO campaign.recipients (campaign_id, msisdn) VALUES ($1, '+919812345678')", mine
+    )
+
+    result = run_campaign(
+        "demo", "--recipients", "100", "--rate", "2000", state_dir=tmp_path, dsn=dsn
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deleted 1 earlier demo campaign" in result.stderr
+
+    campaigns = {r["id"] for r in await conn.fetch("SELECT id FROM campaign.campaigns")}
+    assert earlier not in campaigns and mine in campaigns and len(campaigns) == 2
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaign.recipients WHERE campaign_id = $1", earlier
+        )
+        == 0
+    )
+    assert (
+        await conn.fetchval("SELECT count(*) FROM campaign.recipients WHERE campaign_id = $1", mine)
+        == 1
+    )
+    assert (
+        await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports WHERE transid = 't1'")
+        == 0
+    )
