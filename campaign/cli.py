@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"where the log goes, as JSON lines (default: {demo.default_log_file()})",
     )
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="delete the embedded database (and every campaign in it), then exit",
+    )
     p.set_defaults(handler=demo.run)
 
     p = sub.add_parser(

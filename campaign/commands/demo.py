@@ -12,7 +12,7 @@ above rich's progress bars through the same Console, so the two never share a li
 the demo writes one line per finished stage instead of bars.
 
 Each run deletes the demo campaigns of earlier runs first, so the embedded database holds
-one run's rows, not every run's.
+one run's rows, not every run's; `campaign demo --reset` deletes the embedded database.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -441,7 +442,7 @@ def _print_summary(
     out.write(f"\n  data: {where.database()}")
     if where.data_dir is not None:
         out.write(f", {_disk_size(where.data_dir)} on disk\n")
-        out.write("        the next run replaces this campaign\n")
+        out.write("        the next run replaces this campaign; campaign demo --reset deletes it\n")
     else:
         out.write("\n")
     out.write(f"  log:  {where.log_file}\n")
@@ -449,7 +450,58 @@ def _print_summary(
     out.flush()
 
 
+def _server_pid(data_dir: Path) -> int | None:
+    """The pid of a PostgreSQL server running in `data_dir`, from its postmaster.pid."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a stale file left by a crash
+    except PermissionError:
+        return pid
+    return pid
+
+
+def reset(settings: config.Settings) -> int:
+    """Delete the embedded database the demo (and every command without a DSN) uses."""
+    data_dir = embedded_data_dir(settings)
+    if data_dir is None:
+        print(
+            "campaign demo --reset: a database DSN is configured; --reset deletes only the "
+            "embedded database, so nothing was deleted",
+            file=sys.stderr,
+        )
+        return 2
+    if not data_dir.exists():
+        print(f"campaign demo --reset: nothing to delete, {data_dir} does not exist")
+        return 0
+    if not (data_dir / "PG_VERSION").is_file():
+        print(
+            f"campaign demo --reset: {data_dir} is not a PostgreSQL data directory; "
+            "not deleting it",
+            file=sys.stderr,
+        )
+        return 2
+    pid = _server_pid(data_dir)
+    if pid is not None:
+        print(
+            f"campaign demo --reset: PostgreSQL (pid {pid}) is running in {data_dir}; "
+            "stop the campaign command using it first",
+            file=sys.stderr,
+        )
+        return 1
+    size = _disk_size(data_dir)
+    shutil.rmtree(data_dir)
+    print(f"campaign demo --reset: deleted the embedded database {data_dir} ({size})")
+    return 0
+
+
 async def run(args: argparse.Namespace, settings: config.Settings) -> int:
+    if args.reset:
+        return reset(settings)
     if args.recipients < 10:
         print("campaign demo: --recipients must be at least 10", file=sys.stderr)
         return 2
@@ -469,7 +521,7 @@ async def run(args: argparse.Namespace, settings: config.Settings) -> int:
     data_dir = embedded_data_dir(settings)
     screen.say(f"campaign demo: {args.recipients:,} recipients at {args.rate:,.0f} destinations/s")
     if data_dir is not None:
-        screen.say(f"  data: embedded PostgreSQL in {data_dir} ")
+        screen.say(f"  data: embedded PostgreSQL in {data_dir} (campaign demo --reset deletes it)")
     screen.say(f"  log:  {log_file} (every event, as JSON lines)")
     async with db.database(settings) as dsn:
         where = Where(dsn=dsn, data_dir=data_dir, log_file=log_file)

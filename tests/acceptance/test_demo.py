@@ -1,12 +1,14 @@
 """`campaign demo` as a user runs it, piped: one line per stage and a summary on the
 terminal streams, every event in the log file it names, no secret anywhere; earlier demo
-campaigns deleted at the start."""
+campaigns deleted at the start; `--reset` deleting only the embedded database."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -125,3 +127,64 @@ async def test_demo_deletes_earlier_demo_campaigns_and_nothing_else(
         await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports WHERE transid = 't1'")
         == 0
     )
+
+
+def _config(tmp_path: Path, data_dir: Path) -> Path:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[database]\ndata_dir = "{data_dir}"\n')
+    return cfg
+
+
+def test_reset_deletes_the_embedded_database(tmp_path: Path) -> None:
+    # Not under tmp_path: when run as root, pgserver's server runs as another user that must
+    # reach the directory, and pytest makes its own base directory private at each start.
+    parent = Path(tempfile.mkdtemp(prefix="campaign-test-reset-"))
+    try:
+        _reset_deletes(tmp_path, parent / "pgdata")
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _reset_deletes(tmp_path: Path, data_dir: Path) -> None:
+    cfg = _config(tmp_path, data_dir)
+    # A real embedded database: `migrate` starts the server in data_dir and stops it.
+    migrated = run_campaign("--config", str(cfg), "migrate", state_dir=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    assert (data_dir / "PG_VERSION").is_file()
+
+    reset = run_campaign("--config", str(cfg), "demo", "--reset", state_dir=tmp_path)
+    assert reset.returncode == 0, reset.stderr
+    assert not data_dir.exists()
+    assert str(data_dir) in reset.stdout and "deleted" in reset.stdout
+
+    again = run_campaign("--config", str(cfg), "demo", "--reset", state_dir=tmp_path)
+    assert again.returncode == 0 and "nothing to delete" in again.stdout
+
+
+def test_reset_refuses_with_a_dsn_or_anything_but_an_idle_data_directory(
+    tmp_path: Path, pg_server_dsn: str
+) -> None:
+    data_dir = tmp_path / "pgdata"
+    data_dir.mkdir()
+    (data_dir / "keep").write_text("not PostgreSQL's")
+    cfg = _config(tmp_path, data_dir)
+
+    with_dsn = run_campaign(
+        "--config", str(cfg), "demo", "--reset", state_dir=tmp_path, dsn=pg_server_dsn
+    )
+    assert with_dsn.returncode == 2
+    (line,) = with_dsn.stderr.splitlines()
+    assert "DSN is configured" in line and "nothing was deleted" in line
+
+    not_postgres = run_campaign("--config", str(cfg), "demo", "--reset", state_dir=tmp_path)
+    assert not_postgres.returncode == 2
+    assert "not a PostgreSQL data directory" in not_postgres.stderr
+
+    # A server running in it (this test's own pid stands in for the postmaster).
+    (data_dir / "PG_VERSION").write_text("15\n")
+    (data_dir / "postmaster.pid").write_text(f"{os.getpid()}\n{data_dir}\n")
+    running = run_campaign("--config", str(cfg), "demo", "--reset", state_dir=tmp_path)
+    assert running.returncode == 1
+    assert f"pid {os.getpid()}" in running.stderr
+
+    assert (data_dir / "keep").exists()
