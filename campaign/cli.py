@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Seed a campaign and send it through the built-in API simulator. The "
         "terminal shows progress and warnings; every event goes to the log file.",
     )
-    p.add_argument("--recipients", type=int, default=100_000, help="recipients to seed")
+    p.add_argument("--recipients", type=int, default=20_000, help="recipients to seed")
     p.add_argument(
         "--rate", type=float, default=20_000.0, help="service rate in destinations per second"
     )

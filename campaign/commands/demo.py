@@ -519,7 +519,9 @@ async def run(args: argparse.Namespace, settings: config.Settings) -> int:
         [to_file, screen.log_handler(secrets)], level=args.log_level or settings.logging.level
     )
     data_dir = embedded_data_dir(settings)
-    screen.say(f"campaign demo: {args.recipients:,} recipients at {args.rate:,.0f} destinations/s")
+    screen.say(
+        f"campaign demo: {args.recipients:,} recipients, rate limit {args.rate:,.0f} destinations/s"
+    )
     if data_dir is not None:
         screen.say(f"  data: embedded PostgreSQL in {data_dir} (campaign demo --reset deletes it)")
     screen.say(f"  log:  {log_file} (every event, as JSON lines)")
