@@ -124,11 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         "run the whole product on this machine",
         "An embedded PostgreSQL (unless a DSN is configured), the built-in API simulator and\n"
-        "a worker in one process: a seeded campaign is sent, reported and summarised.",
+        "a worker in one process: a seeded campaign is sent, reported and summarised. The\n"
+        "terminal shows progress and warnings; every event goes to the log file.",
     )
-    p.add_argument("--recipients", type=int, default=100_000, help="recipients to seed")
+    p.add_argument("--recipients", type=int, default=20_000, help="recipients to seed")
     p.add_argument(
         "--rate", type=float, default=20_000.0, help="service rate in destinations per second"
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help=f"where the log goes, as JSON lines (default: {demo.default_log_file()})",
+    )
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="delete the embedded database (and every campaign in it), then exit",
     )
     p.set_defaults(handler=demo.run)
 

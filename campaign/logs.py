@@ -46,8 +46,56 @@ class Redactor:
         return event
 
 
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default or str).decode()
+
+
+def formatter(
+    *, json: bool, colors: bool = False, secrets: Iterable[str] = ()
+) -> logging.Formatter:
+    """A formatter for one handler: JSON lines, or console lines (with colours or not)."""
+    renderer: Any
+    if json:
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*_SHARED, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            Redactor(secrets),
+            renderer,
+        ],
+    )
+
+
+def install(handlers: Iterable[logging.Handler], *, level: str = "info") -> None:
+    """Send structlog and the standard library to `handlers`, each with its own formatter
+    and level; events below `level` are dropped before any handler sees them."""
+    level_no = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = list(handlers)
+    root.setLevel(level_no)
+    # aiohttp's access log is one line per webhook request, and pgserver narrates every
+    # pg_ctl call: both too loud at info.
+    for name in ("aiohttp.access", "pgserver"):
+        logging.getLogger(name).setLevel(max(level_no, logging.WARNING))
 
 
 def configure(
@@ -60,41 +108,6 @@ def configure(
     """Configure structlog and the standard library to write one renderer's lines to `stream`."""
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
-    level_no = logging.getLevelNamesMapping()[level.upper()]
-
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    renderer: Any
-    if use_console:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
-    else:
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-    final: list[Any] = [
-        structlog.processors.format_exc_info,
-        Redactor(secrets),
-        renderer,
-    ]
-
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        cache_logger_on_first_use=False,
-    )
-
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
-    )
     handler = logging.StreamHandler(out)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level_no)
-    # aiohttp's access log is one line per webhook request, and pgserver narrates every
-    # pg_ctl call: both too loud at info.
-    for name in ("aiohttp.access", "pgserver"):
-        logging.getLogger(name).setLevel(max(level_no, logging.WARNING))
+    handler.setFormatter(formatter(json=not use_console, colors=out.isatty(), secrets=secrets))
+    install([handler], level=level)

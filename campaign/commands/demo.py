@@ -4,6 +4,15 @@ An embedded PostgreSQL (unless a DSN is configured), the API simulator and a wor
 every role, all in this process; a seeded campaign of personalised recipients with a
 realistic outcome mix, a STOP reply and a few bad numbers. Progress per stage, then a
 summary of what happened and where the data lives.
+
+The terminal is the person's, the log is the file's: for its run the demo re-routes the
+logging the CLI set up, so every event goes as JSON lines (secrets redacted) to a log file
+it names, and only warnings and errors reach the terminal. On a terminal they are printed
+above rich's progress bars through the same Console, so the two never share a line; piped,
+the demo writes one line per finished stage instead of bars.
+
+Each run deletes the demo campaigns of earlier runs first, so the embedded database holds
+one run's rows, not every run's; `campaign demo --reset` deletes the embedded database.
 """
 
 from __future__ import annotations
@@ -13,15 +22,23 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
+import os
+import shutil
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+import platformdirs
 import structlog
+from rich import progress
+from rich.console import Console
+from rich.text import Text
 
-from campaign import config, db
+from campaign import config, db, logs
 from campaign.simulator import SimulatorConfig, start_simulator
 from campaign.statuses import ACCEPTED, FINAL, UNSENT
 from campaign.worker import Worker
@@ -36,6 +53,10 @@ QUERIES = (
     "demo_is_suppressed",
     "demo_campaign_status",
     "demo_delivery_stats",
+    "demo_delete_earlier",
+    "demo_vacuum",
+    "demo_limit_wal",
+    "demo_reload_config",
     "control_resume",
 )
 
@@ -68,38 +89,99 @@ def _msisdn(i: int) -> str:
     return f"+9198{i:08d}"
 
 
-class Progress:
-    """One live line per stage on a terminal; a log line every few seconds otherwise."""
+def default_log_file() -> Path:
+    return Path(platformdirs.user_log_dir("campaign")) / "demo.log"
 
-    def __init__(self, stage: str, total: int) -> None:
-        self.stage = stage
-        self.total = total
-        self._tty = sys.stderr.isatty()
-        self._started = time.monotonic()
-        self._last_log = 0.0
 
-    def update(self, done: int) -> None:
-        elapsed = time.monotonic() - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        share = done / self.total if self.total else 1.0
-        if self._tty:
-            filled = int(share * 30)
-            bar = "#" * filled + "-" * (30 - filled)
-            sys.stderr.write(
-                f"\r{self.stage:<9} [{bar}] {done:>9,}/{self.total:,}  {rate:>9,.0f}/s"
-            )
-            sys.stderr.flush()
-        elif time.monotonic() - self._last_log >= 2.0 or done >= self.total:
-            self._last_log = time.monotonic()
-            log.info(
-                "demo_progress", stage=self.stage, done=done, total=self.total, per_s=round(rate)
-            )
+def embedded_data_dir(settings: config.Settings) -> Path | None:
+    """The embedded database's directory, as `db.database` picks it; None with a DSN."""
+    if settings.database_dsn:
+        return None
+    return Path(settings.database.data_dir) if settings.database.data_dir else db.default_data_dir()
 
-    def finish(self, done: int) -> float:
-        self.update(done)
-        if self._tty:
-            sys.stderr.write("\n")
-        return time.monotonic() - self._started
+
+def _disk_size(path: Path) -> str:
+    size_b = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            # A running server removes and recycles files while we count.
+            with contextlib.suppress(OSError):
+                size_b += os.lstat(os.path.join(folder, name)).st_size
+    return f"{size_b / 1e6:,.0f} MB"
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log records printed through the demo's Console: above the live bars, never into them."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.WARNING)
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console.print(Text.from_ansi(self.format(record)), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+class Screen:
+    """What the person running the demo sees, on stderr: on a terminal one live bar per
+    stage (rich), with warnings printed above them; piped, one line per finished stage."""
+
+    def __init__(self, *, tty: bool) -> None:
+        self.tty = tty
+        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+        self._bars = progress.Progress(
+            progress.TextColumn("{task.description:<8}"),
+            progress.BarColumn(bar_width=40),
+            progress.TextColumn("{task.completed:>9,.0f}/{task.total:,.0f}"),
+            progress.TextColumn("{task.fields[rate]:>10}"),
+            progress.TimeElapsedColumn(),
+            console=self.console,
+            # The counts change four times a second; rendering more often only takes CPU
+            # (and the GIL) from the worker in this process.
+            refresh_per_second=4,
+        )
+        self._tasks: dict[str, tuple[progress.TaskID, float]] = {}
+
+    def log_handler(self, secrets: Iterable[str]) -> logging.Handler:
+        handler = _ConsoleHandler(self.console)
+        handler.setFormatter(logs.formatter(json=False, colors=self.tty, secrets=secrets))
+        return handler
+
+    def say(self, line: str) -> None:
+        self.console.print(line, markup=False)
+
+    def __enter__(self) -> Screen:
+        if self.tty:
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
+
+    def start(self, stage: str, total: int) -> None:
+        task = self._bars.add_task(stage, total=total, rate="", visible=self.tty)
+        self._tasks[stage] = (task, time.monotonic())
+
+    def update(self, stage: str, done: int) -> None:
+        task, started = self._tasks[stage]
+        elapsed_s = time.monotonic() - started
+        rate = f"{done / elapsed_s:,.0f}/s" if elapsed_s > 0 else ""
+        self._bars.update(task, completed=done, rate=rate)
+
+    def finish(self, stage: str, done: int) -> float:
+        """Freeze the stage's bar (or write its line); returns the stage's seconds."""
+        task, started = self._tasks[stage]
+        elapsed_s = time.monotonic() - started
+        self.update(stage, done)
+        self._bars.stop_task(task)
+        log.info("demo_stage_finished", stage=stage, done=done, duration_s=round(elapsed_s, 3))
+        if not self.tty:
+            total = int(self._bars.tasks[task].total or 0)
+            rate = f" ({done / elapsed_s:,.0f}/s)" if elapsed_s > 0 else ""
+            self.say(f"{stage:<8} {done:,}/{total:,} in {elapsed_s:.1f} s{rate}")
+        return elapsed_s
 
 
 async def _seed(conn: db.Connection, recipients: int) -> tuple[int, int]:
@@ -156,7 +238,45 @@ async def _wait_for(conn: db.Connection, sql: str, *args: Any, timeout_s: float 
         await asyncio.sleep(0.05)
 
 
-async def run_demo(dsn: str, settings: config.Settings, *, recipients: int, rate: float) -> int:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Where:
+    """Where the demo keeps its data and its log, said at the start and in the summary."""
+
+    dsn: str
+    data_dir: Path | None
+    log_file: Path
+
+    def database(self) -> str:
+        if self.data_dir is None:
+            return db.describe_dsn(self.dsn)
+        return f"embedded PostgreSQL in {self.data_dir}"
+
+
+class _WorkerStopped(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the demo's worker stopped with exit code {code}")
+        self.code = code
+
+
+async def _delete_earlier_runs(conn: db.Connection, screen: Screen) -> None:
+    deleted = int(await conn.fetchval(_queries()["demo_delete_earlier"], SERVICE))
+    if deleted:
+        await conn.execute(_queries()["demo_vacuum"])
+        log.info("demo_earlier_runs_deleted", campaigns=deleted)
+        screen.say(
+            f"cleanup  deleted {deleted:,} earlier demo campaign(s); this run reuses the space"
+        )
+
+
+async def run_demo(
+    dsn: str,
+    settings: config.Settings,
+    *,
+    recipients: int,
+    rate: float,
+    screen: Screen,
+    where: Where,
+) -> int:
     conn = await db.connect(dsn)
     try:
         applied = await db.migrate(conn)
@@ -166,60 +286,89 @@ async def run_demo(dsn: str, settings: config.Settings, *, recipients: int, rate
             applied=len(applied),
             schema_version=await db.schema_version(conn),
         )
-        seeding = Progress("seeding", recipients)
-        campaign_id, total = await _seed(conn, recipients)
-        seeding.finish(total)
-
-        port = _free_port()
-        sim_config = SimulatorConfig(
-            keys=(SERVICE_KEY,),
-            rate_per_s=rate * 1.05,
-            dr_delay_distribution="exponential",
-            dr_delay_min_s=0.2,
-            dr_delay_mean_s=1.0,
-            dr_delay_max_s=5.0,
-            dr_interim_ratio=0.1,
-            dr_outcomes=OUTCOMES,
-            dr_batch_size=100,
-            seed=7,
-        )
-        async with await start_simulator(sim_config) as sim:
-            demo_settings = _settings(settings, sim_url=sim.base_url, port=port, rate=rate)
-            worker = Worker(settings=demo_settings, dsn=dsn)
-            running = asyncio.create_task(worker.run(), name="demo-worker")
-            try:
-                while worker.webhooks is None or not worker.webhooks.url:
-                    if running.done():
-                        return await running
-                    await asyncio.sleep(0.05)
-                # A customer replied STOP to an earlier campaign: their number is suppressed.
-                stop_number = _msisdn(STOP_NUMBER_INDEX)
-                await sim.send_mo(
-                    oa=stop_number.lstrip("+"),
-                    message="STOP",
-                    url=f"{worker.webhooks.url}/webhooks/mo/{TOKEN}",
-                )
-                await _wait_for(conn, _queries()["demo_is_suppressed"], stop_number)
-                await conn.fetchrow(_queries()["control_resume"], campaign_id)
-                summary = await _follow(conn, campaign_id, total, running)
-            finally:
-                worker.request_stop()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(running, timeout=60)
-            sim_stats = sim.stats(summary=True)
+        if where.data_dir is not None:
+            await conn.execute(_queries()["demo_limit_wal"])
+            await conn.fetchval(_queries()["demo_reload_config"])
+        await _delete_earlier_runs(conn, screen)
+        with screen:
+            screen.start("seeding", recipients)
+            campaign_id, total = await _seed(conn, recipients)
+            screen.finish("seeding", total)
+            summary, sim_stats = await _send(
+                conn, dsn, settings, campaign_id=campaign_id, total=total, rate=rate, screen=screen
+            )
+    except _WorkerStopped as exc:
+        return exc.code
     finally:
         await conn.close()
-    _print_summary(summary, sim_stats, dsn=dsn, campaign_id=campaign_id)
+    _print_summary(summary, sim_stats, where=where, campaign_id=campaign_id)
     return 0 if summary["completed"] else 1
 
 
+async def _send(
+    conn: db.Connection,
+    dsn: str,
+    settings: config.Settings,
+    *,
+    campaign_id: int,
+    total: int,
+    rate: float,
+    screen: Screen,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start the simulator and a worker, send the STOP reply, release the campaign and
+    follow it to completion; returns the summary and the simulator's statistics."""
+    port = _free_port()
+    sim_config = SimulatorConfig(
+        keys=(SERVICE_KEY,),
+        rate_per_s=rate * 1.05,
+        dr_delay_distribution="exponential",
+        dr_delay_min_s=0.2,
+        dr_delay_mean_s=1.0,
+        dr_delay_max_s=5.0,
+        dr_interim_ratio=0.1,
+        dr_outcomes=OUTCOMES,
+        dr_batch_size=100,
+        seed=7,
+    )
+    async with await start_simulator(sim_config) as sim:
+        demo_settings = _settings(settings, sim_url=sim.base_url, port=port, rate=rate)
+        worker = Worker(settings=demo_settings, dsn=dsn)
+        running = asyncio.create_task(worker.run(), name="demo-worker")
+        try:
+            while worker.webhooks is None or not worker.webhooks.url:
+                if running.done():
+                    # It said why in the log (worker_not_started, an error: on the terminal too).
+                    raise _WorkerStopped(await running)
+                await asyncio.sleep(0.05)
+            # A customer replied STOP to an earlier campaign: their number is suppressed.
+            stop_number = _msisdn(STOP_NUMBER_INDEX)
+            await sim.send_mo(
+                oa=stop_number.lstrip("+"),
+                message="STOP",
+                url=f"{worker.webhooks.url}/webhooks/mo/{TOKEN}",
+            )
+            await _wait_for(conn, _queries()["demo_is_suppressed"], stop_number)
+            await conn.fetchrow(_queries()["control_resume"], campaign_id)
+            summary = await _follow(conn, campaign_id, total, running, screen)
+        finally:
+            worker.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(running, timeout=60)
+        return summary, sim.stats(summary=True)
+
+
 async def _follow(
-    conn: db.Connection, campaign_id: int, total: int, running: asyncio.Task[int]
+    conn: db.Connection,
+    campaign_id: int,
+    total: int,
+    running: asyncio.Task[int],
+    screen: Screen,
 ) -> dict[str, Any]:
     """Show sending and report progress until the campaign is completed."""
-    sending = Progress("sending", total)
-    reports = Progress("reports", total)
+    screen.start("sending", total)
+    screen.start("reports", total)
     sent_s: float | None = None
+    unsent, final = total, 0
     deadline = time.monotonic() + TIMEOUT_S
     completed = False
     while time.monotonic() < deadline and not running.done():
@@ -228,17 +377,18 @@ async def _follow(
         final = sum(counts.get(s, 0) for s in FINAL)
         if sent_s is None:
             if unsent == 0:
-                sent_s = sending.finish(total)
+                sent_s = screen.finish("sending", total)
             else:
-                sending.update(total - unsent)
-        else:
-            reports.update(final)
+                screen.update("sending", total - unsent)
+        screen.update("reports", final)
         status = await conn.fetchval(_queries()["demo_campaign_status"], campaign_id)
         if status == "completed":
             completed = True
             break
         await asyncio.sleep(0.25)
-    reports_s = reports.finish(final)
+    if sent_s is None:
+        screen.finish("sending", total - unsent)
+    reports_s = screen.finish("reports", final)
     stats = await conn.fetchrow(_queries()["demo_delivery_stats"], campaign_id)
     assert stats is not None
     counts = await _counts(conn, campaign_id)
@@ -259,7 +409,7 @@ async def _follow(
 
 
 def _print_summary(
-    summary: Mapping[str, Any], sim_stats: Mapping[str, Any], *, dsn: str, campaign_id: int
+    summary: Mapping[str, Any], sim_stats: Mapping[str, Any], *, where: Where, campaign_id: int
 ) -> None:
     counts: Mapping[str, int] = summary["counts"]
     total = summary["total"]
@@ -289,18 +439,96 @@ def _print_summary(
         f"  simulator             {destinations.get('accepted', 0):,} destinations "
         f"accepted, {reports.get('sent', 0):,} reports sent\n"
     )
-    out.write(f"\n  data: {db.describe_dsn(dsn)}\n")
+    out.write(f"\n  data: {where.database()}")
+    if where.data_dir is not None:
+        out.write(f", {_disk_size(where.data_dir)} on disk\n")
+        out.write("        the next run replaces this campaign; campaign demo --reset deletes it\n")
+    else:
+        out.write("\n")
+    out.write(f"  log:  {where.log_file}\n")
     out.write(f"  look: campaign status {campaign_id}    or in psql: table campaign.recipients\n")
     out.flush()
 
 
-async def run(args: argparse.Namespace, settings: config.Settings) -> int:
+def _server_pid(data_dir: Path) -> int | None:
+    """The pid of a PostgreSQL server running in `data_dir`, from its postmaster.pid."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a stale file left by a crash
+    except PermissionError:
+        return pid
+    return pid
 
+
+def reset(settings: config.Settings) -> int:
+    """Delete the embedded database the demo (and every command without a DSN) uses."""
+    data_dir = embedded_data_dir(settings)
+    if data_dir is None:
+        print(
+            "campaign demo --reset: a database DSN is configured; --reset deletes only the "
+            "embedded database, so nothing was deleted",
+            file=sys.stderr,
+        )
+        return 2
+    if not data_dir.exists():
+        print(f"campaign demo --reset: nothing to delete, {data_dir} does not exist")
+        return 0
+    if not (data_dir / "PG_VERSION").is_file():
+        print(
+            f"campaign demo --reset: {data_dir} is not a PostgreSQL data directory; "
+            "not deleting it",
+            file=sys.stderr,
+        )
+        return 2
+    pid = _server_pid(data_dir)
+    if pid is not None:
+        print(
+            f"campaign demo --reset: PostgreSQL (pid {pid}) is running in {data_dir}; "
+            "stop the campaign command using it first",
+            file=sys.stderr,
+        )
+        return 1
+    size = _disk_size(data_dir)
+    shutil.rmtree(data_dir)
+    print(f"campaign demo --reset: deleted the embedded database {data_dir} ({size})")
+    return 0
+
+
+async def run(args: argparse.Namespace, settings: config.Settings) -> int:
+    if args.reset:
+        return reset(settings)
     if args.recipients < 10:
         print("campaign demo: --recipients must be at least 10", file=sys.stderr)
         return 2
     if args.rate <= 0:
         print("campaign demo: --rate must be greater than 0", file=sys.stderr)
         return 2
+    log_file = Path(args.log_file) if args.log_file else default_log_file()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    # The demo's own service key and token are secrets too, wherever the log goes.
+    secrets = [*settings.secrets(), SERVICE_KEY, TOKEN]
+    screen = Screen(tty=sys.stderr.isatty())
+    to_file = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    to_file.setFormatter(logs.formatter(json=True, secrets=secrets))
+    logs.install(
+        [to_file, screen.log_handler(secrets)], level=args.log_level or settings.logging.level
+    )
+    data_dir = embedded_data_dir(settings)
+    screen.say(
+        f"campaign demo: {args.recipients:,} recipients, rate limit {args.rate:,.0f} destinations/s"
+    )
+    if data_dir is not None:
+        screen.say(f"  data: embedded PostgreSQL in {data_dir} (campaign demo --reset deletes it)")
+    screen.say(f"  log:  {log_file} (every event, as JSON lines)")
     async with db.database(settings) as dsn:
-        return await run_demo(dsn, settings, recipients=args.recipients, rate=args.rate)
+        where = Where(dsn=dsn, data_dir=data_dir, log_file=log_file)
+        if data_dir is None:
+            screen.say(f"  data: {where.database()}")
+        return await run_demo(
+            dsn, settings, recipients=args.recipients, rate=args.rate, screen=screen, where=where
+        )

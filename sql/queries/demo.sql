@@ -44,3 +44,37 @@ SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
        min(sent_at) AS first_sent, max(sent_at) AS last_sent
   FROM campaign.recipients
  WHERE campaign_id = $1 AND dr_at IS NOT NULL AND sent_at IS NOT NULL;
+
+-- name: demo_delete_earlier
+-- Every run seeds a new campaign into the same database; without this the embedded
+-- database grew by a whole run each time. Deletes the earlier demo campaigns (known by
+-- what demo_create_campaign sets: service, callback data and name) with their recipients
+-- and batches (ON DELETE CASCADE) and the delivery reports matched to those recipients
+-- (not tied by a foreign key).
+-- $1 service; returns the number of campaigns deleted
+WITH earlier AS (
+    SELECT id FROM campaign.campaigns
+     WHERE service = $1 AND callback_data = 'demo' AND name LIKE 'demo %'
+), reports AS (
+    DELETE FROM campaign.delivery_reports d
+     WHERE d.recipient_id IN (SELECT r.id FROM campaign.recipients r
+                                JOIN earlier e ON e.id = r.campaign_id)
+), gone AS (
+    DELETE FROM campaign.campaigns c USING earlier e WHERE c.id = e.id RETURNING c.id
+)
+SELECT count(*) FROM gone;
+
+-- name: demo_vacuum
+-- After demo_delete_earlier: make the deleted rows' space reusable by this run at once
+-- (autovacuum would come only after the run had grown the files by a run's worth).
+VACUUM campaign.recipients, campaign.batches, campaign.delivery_reports;
+
+-- name: demo_limit_wal
+-- The embedded server only (superuser, our own data directory). PostgreSQL keeps up to
+-- max_wal_size of WAL after a run (1 GB by default; a 20,000-recipient run writes about
+-- 130 MB), which a demo database on a laptop does not need. Takes effect with
+-- demo_reload_config; persists in the data directory's postgresql.auto.conf.
+ALTER SYSTEM SET max_wal_size = '128MB';
+
+-- name: demo_reload_config
+SELECT pg_reload_conf();

@@ -1,5 +1,5 @@
 """The real `campaign worker` as a subprocess, every role in one process, against the
-simulator over real sockets: lifecycle, control by SQL, visibility, the demo."""
+simulator over real sockets: lifecycle, control by SQL, visibility."""
 
 from __future__ import annotations
 
@@ -265,19 +265,3 @@ async def test_receiver_only_worker_serves_health_and_no_sender(
     assert await statuses(conn, cid) == {"pending": 20}
     assert sim.stats()["requests"]["total"] == 0
     assert await worker.stop(signal.SIGINT) == 0
-
-
-async def test_demo_runs_and_prints_its_summary(dsn: str, campaign_process: Processes) -> None:
-    result = await campaign_process.run(
-        "demo", "--recipients", "600", "--rate", "2000", dsn=dsn, timeout_s=120.0
-    )
-    assert result.returncode == 0, result.log()[-3000:]
-    out = result.stdout()
-    assert ": completed" in out
-    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
-    assert int(lines["total"][1].replace(",", "")) == 600
-    assert int(lines["invalid"][1]) == 5  # four malformed numbers and one missing variable
-    assert int(lines["suppressed"][1]) == 1  # the STOP reply
-    delivered = int(lines["delivered"][1].replace(",", ""))
-    assert delivered > 500
-    assert "report lag" in out and "data: postgresql://" in out

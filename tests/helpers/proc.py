@@ -167,19 +167,23 @@ def _toml_table(table: Mapping[str, Any], path: tuple[str, ...]) -> str:
     return text
 
 
-def campaign_env(dsn: str | None) -> dict[str, str]:
+def campaign_env(dsn: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of every `campaign` process a test starts.
 
     A copy of this process's environment without any CAMPAIGN_* variable: a developer's
     CAMPAIGN_CONFIG, CAMPAIGN_DATABASE_DSN or a ${CAMPAIGN_...} a config would interpolate
     never leaks in. `dsn` becomes CAMPAIGN_DATABASE_DSN; None leaves the database to the
-    config file (its `dsn`, or an embedded server).
+    config file (its `dsn`, or an embedded server). `extra` adds variables that are not
+    campaign's own (XDG_STATE_HOME: where the demo writes its log).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPAIGN_")}
     # Output goes to files that tests read while the process runs.
     env["PYTHONUNBUFFERED"] = "1"
     if dsn is not None:
         env["CAMPAIGN_DATABASE_DSN"] = dsn
+    for key, value in (extra or {}).items():
+        assert not key.startswith("CAMPAIGN_"), f"{key}: pass the DSN as dsn=, settings in a config"
+        env[key] = value
     return env
 
 
@@ -331,6 +335,7 @@ class Processes:
         config: Path | None = None,
         dsn: str | None = None,
         name: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> CampaignProcess:
         """`python -m campaign [--config X] --log-format json COMMAND ARGS`, started.
 
@@ -346,7 +351,7 @@ class Processes:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "campaign", *argv,
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
-                cwd=REPO, env=campaign_env(dsn),
+                cwd=REPO, env=campaign_env(dsn, env),
             )  # fmt: skip
         process = CampaignProcess(
             name=label, args=argv, proc=proc, log_path=log_path, out_path=out_path
@@ -361,10 +366,11 @@ class Processes:
         config: Path | None = None,
         dsn: str | None = None,
         name: str | None = None,
+        env: Mapping[str, str] | None = None,
         timeout_s: float = 120.0,
     ) -> CampaignProcess:
         """Start a command and wait for it to exit (the timeout is a safety limit)."""
-        process = await self.start(command, *args, config=config, dsn=dsn, name=name)
+        process = await self.start(command, *args, config=config, dsn=dsn, name=name, env=env)
         await process.wait(timeout_s=timeout_s)
         return process
 
