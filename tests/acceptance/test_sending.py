@@ -231,8 +231,8 @@ async def test_suppressed_and_invalid_numbers_are_not_sent(api, conn, dsn) -> No
         (api_error("7020", "Maximum transaction limit reached"), "7020"),
         (api_error("7006", "Internal error"), "7006"),
         (Reply(status=429, headers={"Retry-After": "0"}), "http_429"),
-        (Reply(status=500), "http_500"),
-        (Reply(status=503, body=b"busy"), "http_503"),
+        (Reply(status=503, body=b"maintenance", headers={"Retry-After": "0"}), "http_503"),
+        (Reply(status=503, body=api_error("7006", "Internal error").body), "7006"),
     ],
 )
 async def test_retryable_answers_are_retried(api, conn, dsn, first, error_code) -> None:
@@ -346,6 +346,37 @@ async def test_timeout_after_sending_resolves_then_resends(api, conn, dsn) -> No
     assert await batch_statuses(conn) == ["in_doubt", "done"]
     assert {(r["status"], r["attempts"]) for r in await recipients(conn, cid)} == {("queued", 2)}
     assert set(api.accepted.values()) == {2}
+
+
+@pytest.mark.parametrize(
+    ("on_timeout", "final", "requests"), [("resolve", "queued", 2), ("fail", "failed", 1)]
+)
+async def test_a_5xx_after_the_platform_took_the_request_is_in_doubt_not_retried(
+    api, conn, dsn, on_timeout, final, requests
+) -> None:
+    def gateway_lost_the_answer(received: Any) -> Reply | None:
+        if received.index != 0:
+            return None
+        # The platform queued every message; the gateway in front of it answered 502.
+        for _, correlation_id, _ in received.destinations:
+            api.accepted[correlation_id] += 1
+        return Reply(status=502, body=b"<html>502 Bad Gateway</html>")
+
+    api.responder = gateway_lost_the_answer
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(4))
+    settings = make_settings(api.base_url, service={"on_timeout": on_timeout})
+    with capture_logs() as logs:
+        assert await drain(settings, dsn) == 0
+    assert events(logs, "send_retry_scheduled") == []
+    [doubt] = events(logs, "batch_in_doubt")
+    assert (doubt["http_status"], doubt["error_code"]) == (502, "http_502")
+    assert (await batch_statuses(conn))[0] == "in_doubt"
+    # "resolve": no report came within the grace period, so sent again only after it.
+    assert len(api.requests) == requests
+    rows = await recipients(conn, cid)
+    assert {r["status"] for r in rows} == {final}
+    assert {r["attempts"] for r in rows} == {requests}
 
 
 async def test_a_report_during_the_grace_period_settles_an_in_doubt_recipient(
