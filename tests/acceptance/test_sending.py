@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from campaign import db
 from campaign.worker import Worker
 from tests.helpers.fake_api import Drop, FakeApi, Hang, Reply, api_error
 from tests.helpers.sending import (
@@ -437,6 +439,68 @@ async def test_repeated_7020_lowers_the_rate(api, conn, dsn) -> None:
     assert await statuses(conn, cid) == {"queued": 40}
     # After the decrease, batches are clamped to the lowered rate.
     assert max(api.sizes()[2:]) <= 20
+
+
+async def wait_for_claimed(
+    conn: asyncpg.Connection, count: int, *, timeout_s: float = 10.0
+) -> None:
+    """Until `count` batches are claimed and not yet posted (a safety limit only)."""
+    async with asyncio.timeout(timeout_s):
+        while (
+            await conn.fetchval("SELECT count(*) FROM campaign.batches WHERE status = 'claimed'")
+            < count
+        ):
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("change", "left", "reason"),
+    [
+        ("control_pause", "pending", "campaign_paused"),
+        ("control_cancel", "cancelled", "campaign_cancelled"),
+        ("expire", "expired", "campaign_expired"),
+    ],
+)
+async def test_batches_claimed_before_a_pause_cancel_or_expiry_are_not_posted(
+    api, conn, dsn, change, left, reason
+) -> None:
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(200))
+    # 20 destinations every 0.2 s: the queue (4) and both senders hold claimed batches.
+    max_in_flight = 2
+    settings = make_settings(
+        api.base_url,
+        service={"rate_per_s": 100.0, "batch_size": 20, "max_in_flight": max_in_flight},
+        producer={"queue_size": 4},
+    )
+    worker = Worker(settings=settings, dsn=dsn, drain=True)
+    with capture_logs() as logs:
+        running = asyncio.create_task(worker.run())
+        await wait_for_claimed(conn, 4)
+        if change == "expire":
+            await conn.execute(
+                "UPDATE campaign.campaigns SET expires_at = now() WHERE id = $1", cid
+            )
+        else:
+            assert await conn.fetchval(db.load_queries()[change], cid) is not None
+        committed_at = time.monotonic()
+        assert await asyncio.wait_for(running, timeout=30.0) == 0
+
+    # Only batches already marked posting when the change committed may still go out.
+    assert len([r for r in api.requests if r.at > committed_at]) <= max_in_flight
+    counts = await statuses(conn, cid)
+    assert set(counts) <= {"queued", left}
+    assert counts.get("queued", 0) == api.destinations()
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaign.recipients WHERE status = $1 AND attempts = 0", left
+        )
+        == counts[left]
+    )
+    released = events(logs, "batch_released")
+    assert released, "no claimed batch was given back: the test proved nothing"
+    assert {e["reason"] for e in released} == {reason}
+    assert all(e["campaign_id"] == cid and e["released"] > 0 for e in released)
 
 
 # --- rate, concurrency, crashes -------------------------------------------------------------

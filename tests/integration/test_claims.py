@@ -290,6 +290,43 @@ async def test_mark_posting_only_for_the_owner_of_a_claimed_batch(conn, q) -> No
     assert await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0) is None
 
 
+@pytest.mark.parametrize(
+    ("stopping", "reason"),
+    [
+        ("UPDATE campaign.campaigns SET status = 'paused' WHERE id = $1", "campaign_paused"),
+        ("UPDATE campaign.campaigns SET status = 'cancelled' WHERE id = $1", "campaign_cancelled"),
+        ("UPDATE campaign.campaigns SET expires_at = now() WHERE id = $1", "campaign_expired"),
+    ],
+    ids=["paused", "cancelled", "expired"],
+)
+async def test_mark_posting_releases_a_batch_whose_campaign_stopped_since_the_claim(
+    conn, q, stopping, reason
+) -> None:
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(3))
+    batch_id = (await claim(conn, q, cid))[0]["batch_id"]
+    await conn.execute(stopping, cid)
+    row = await conn.fetchrow(q["sender_mark_posting"], batch_id, "w1", 30.0)
+    assert (row["id"], row["held_back"], row["released"]) == (batch_id, reason, 3)
+    # Never posted: back to pending with the attempts untouched, for the sweeps to settle.
+    assert await statuses(conn, cid) == {"pending": 3}
+    assert await conn.fetchval("SELECT sum(attempts) FROM campaign.recipients") == 0
+    batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
+    assert (batch["status"], batch["error_code"], batch["posted_at"]) == ("released", reason, None)
+    assert batch["finished_at"] is not None
+    # Released once: it cannot be posted afterwards.
+    assert await conn.fetchrow(q["sender_mark_posting"], batch_id, "w1", 30.0) is None
+
+
+async def test_mark_posting_posts_a_running_campaign(conn, q) -> None:
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(2))
+    batch_id = (await claim(conn, q, cid))[0]["batch_id"]
+    row = await conn.fetchrow(q["sender_mark_posting"], batch_id, "w1", 30.0)
+    assert (row["id"], row["held_back"], row["released"]) == (batch_id, None, 0)
+    assert await statuses(conn, cid) == {"sending": 2}
+
+
 async def test_write_results_stores_every_outcome_and_closes_the_batch(conn, q) -> None:
     cid = await create_campaign(conn)
     ids = await add_recipients(conn, cid, numbers(4))
