@@ -308,17 +308,24 @@ class Sender:
 
     async def _send(self, batch: Batch) -> errors.Outcome | None:
         blog = log.bind(campaign_id=batch.campaign_id, batch_id=batch.id, attempt=batch.attempt)
+        granted = batch.destinations
         if not self._lane.stopped:
-            await self._lane.limiter.acquire(batch.destinations)
+            granted = await self._lane.limiter.acquire(batch.destinations)
         if self._lane.stopped:
             await self._release(batch, "service_stopped", "the service was stopped", blog)
             return None
+        claimed = batch
+        if granted < batch.destinations:
+            # Claimed while the share or factor was higher: sending it whole would put the
+            # worker over its rate by the difference. The rest goes back in mark_posting.
+            batch = batch.first(granted)
         try:
             posting = await self._pool.fetchrow(
                 self._queries["sender_mark_posting"],
                 batch.id,
                 self._worker_id,
                 self._posting_lease_s,
+                list(claimed.recipient_ids[batch.destinations :]),
             )
         except db.UNAVAILABLE_ERRORS as exc:
             blog.error("batch_not_posted", error=str(exc), error_type=type(exc).__name__)
@@ -332,10 +339,17 @@ class Sender:
             blog.info(
                 "batch_released",
                 reason=posting["held_back"],
-                destinations=batch.destinations,
+                destinations=claimed.destinations,
                 released=posting["released"],
             )
             return None
+        if batch is not claimed:
+            blog.info(
+                "batch_trimmed",
+                destinations=batch.destinations,
+                released=posting["released"],
+                max_batch=granted,
+            )
 
         attempt = _Attempt()
         started = time.monotonic()

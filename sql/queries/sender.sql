@@ -13,7 +13,11 @@
 -- expire them, a paused campaign's wait for a resume). held_back says why ('campaign_paused',
 -- 'campaign_cancelled', 'campaign_expired'; NULL: posting), released how many went back.
 -- Read in the same statement as the update: a change committed before it is always seen.
--- $1 batch id, $2 worker id, $3 lease seconds
+-- A batch claimed at a higher share or AIMD factor than the limiter now allows is cut by
+-- the sender to its first recipients; the others ($4, never posted) go back to 'pending'
+-- here, attempts unchanged, and are claimed again at the current size. released counts
+-- them too.
+-- $1 batch id, $2 worker id, $3 lease seconds, $4 recipient ids cut off the batch (bigint[])
 WITH mine AS (
     SELECT b.id,
            CASE WHEN c.status NOT IN ('ready', 'running') THEN 'campaign_' || c.status
@@ -27,11 +31,15 @@ WITH mine AS (
     UPDATE campaign.recipients r
        SET status = 'pending', updated_at = now()
       FROM mine m
-     WHERE r.batch_id = m.id AND r.status = 'sending' AND m.held_back IS NOT NULL
+     WHERE r.batch_id = m.id AND r.status = 'sending'
+       AND (m.held_back IS NOT NULL OR r.id = ANY($4::bigint[]))
     RETURNING r.id
 )
 UPDATE campaign.batches b
    SET status = CASE WHEN m.held_back IS NULL THEN 'posting' ELSE 'released' END,
+       destinations = CASE WHEN m.held_back IS NULL
+                           THEN b.destinations - (SELECT count(*) FROM returned)
+                           ELSE b.destinations END,
        posted_at = CASE WHEN m.held_back IS NULL THEN now() END,
        lease_until = CASE WHEN m.held_back IS NULL THEN now() + make_interval(secs => $3)
                           ELSE b.lease_until END,

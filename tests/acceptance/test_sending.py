@@ -17,6 +17,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from campaign import db
+from campaign.batch import Lane
+from campaign.producer import Producer
+from campaign.ratelimit import ServiceLimiter
+from campaign.sender import Sender, create_session
 from campaign.worker import Worker
 from tests.helpers.fake_api import Drop, FakeApi, Hang, Reply, api_error
 from tests.helpers.sending import (
@@ -523,6 +527,81 @@ async def test_rate_limit_is_held_at_the_server(api, conn, dsn) -> None:
             assert sent <= rate * window_s + batch, (window_s, start, sent)
     # 800 destinations at 200/s, of which one batch may go at once.
     assert arrivals[-1][0] - arrivals[0][0] >= (800 - batch) / rate - 0.1
+
+
+@pytest.mark.parametrize("change", ["share", "factor"])
+async def test_batches_claimed_before_the_rate_fell_are_cut_to_it(api, pool, conn, change) -> None:
+    """Full queues of batches sized for the full rate, then a worker joins (share 1/2) or
+    7020s halve the fleet's factor: what reaches the server stays within the new rate plus
+    one new batch in every window, and what was cut off goes back untouched."""
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(8000))
+    settings = make_settings(
+        api.base_url,
+        service={"rate_per_s": 2000.0, "batch_size": 1000, "max_in_flight": 4},
+        producer={"queue_size": 8},
+    )
+    lane = Lane(name="default", settings=settings.services["default"], queue_size=8)
+    # No step back up during the test: the bound below is the halved rate's.
+    lane.limiter = ServiceLimiter(
+        service="default", rate_per_s=2000.0, batch_size=1000, increase_interval_s=3600.0
+    )
+    queries = db.load_queries()
+    producer = Producer(
+        pool=pool,
+        queries=queries,
+        lanes={"default": lane},
+        settings=settings.producer,
+        worker_id="w1",
+        notify_url=None,
+    )
+    assert await producer.fill() == 8
+    assert {b.destinations for b in lane.queue._queue} == {1000}  # type: ignore[attr-defined]
+    if change == "share":
+        lane.limiter.set_share(0.5)
+    else:
+        lane.limiter.adopt_factor(0.5)
+    rate, batch = lane.limiter.effective_rate_per_s, lane.limiter.max_batch
+    assert (rate, batch) == (1000.0, 500)
+
+    stop = asyncio.Event()
+    async with create_session(connections=4) as session:
+        sender = Sender(
+            pool=pool,
+            queries=queries,
+            lane=lane,
+            session=session,
+            api=settings.api,
+            producer=settings.producer,
+            worker_id="w1",
+        )
+        with capture_logs() as logs:
+            running = asyncio.create_task(sender.run(stop))
+            async with asyncio.timeout(60.0):  # a safety limit only
+                while not lane.queue.empty() or lane.held:
+                    await asyncio.sleep(0.02)
+            stop.set()
+            await running
+
+    assert max(api.sizes()) <= batch
+    arrivals = sorted(api.arrivals())
+    for window_s in (1.0, 2.0):
+        for start, _ in arrivals:
+            sent = sum(n for t, n in arrivals if start <= t < start + window_s)
+            assert sent <= rate * window_s + batch, (window_s, start, sent)
+    # Every batch was posted, cut to the new size; the rest is pending again, never tried.
+    assert len(api.requests) == 8
+    counts = await statuses(conn, cid)
+    assert counts == {"queued": api.destinations(), "pending": 8000 - api.destinations()}
+    assert (
+        await conn.fetchval(
+            "SELECT max(attempts) FROM campaign.recipients WHERE status = 'pending'"
+        )
+        == 0
+    )
+    trimmed = events(logs, "batch_trimmed")
+    assert len(trimmed) == 8
+    assert all(e["destinations"] + e["released"] == 1000 for e in trimmed)
 
 
 async def test_two_workers_never_send_a_recipient_twice(api, pool, dsn) -> None:
