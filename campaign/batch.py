@@ -9,11 +9,13 @@ leases are renewed while they wait), and whether the service was stopped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
 
+from campaign import payload
 from campaign.config import ServiceSettings
 from campaign.ratelimit import ServiceLimiter
 
@@ -37,6 +39,9 @@ class Batch:
     msisdn_e164: tuple[str | None, ...] = ()
     encodings: tuple[str | None, ...] = ()
     parts: tuple[int | None, ...] = ()
+    # What the body was built from (same order), to build it again for fewer recipients.
+    message: payload.MessageSettings | None = None
+    prepared: tuple[payload.Destination, ...] = ()
 
     @property
     def destinations(self) -> int:
@@ -46,6 +51,26 @@ class Batch:
     def attempt(self) -> int:
         """The number of this send: 1 for a first send."""
         return max(self.attempts, default=0) + 1
+
+    def first(self, count: int) -> Batch:
+        """The same batch cut to its first `count` recipients, its body built again: what
+        the limiter allows when the rate fell after the claim. The rest is given back."""
+        if not 0 < count < self.destinations:
+            raise ValueError(f"cannot cut a batch of {self.destinations} to {count}")
+        if self.message is None or len(self.prepared) != self.destinations:
+            raise ValueError("a batch without its destinations cannot be cut")
+        kept = self.prepared[:count]
+        return dataclasses.replace(
+            self,
+            body=payload.build_body(self.message, kept),
+            recipient_ids=self.recipient_ids[:count],
+            correlation_ids=self.correlation_ids[:count],
+            attempts=self.attempts[:count],
+            msisdn_e164=self.msisdn_e164[:count],
+            encodings=self.encodings[:count],
+            parts=self.parts[:count],
+            prepared=kept,
+        )
 
 
 class Lane:

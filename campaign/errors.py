@@ -4,7 +4,8 @@ The API answers HTTP 200 in two shapes: a list of per-destination results
 (`{"response": [{code, description, transid, correlationid}, ...]}`) or a single error
 object (`{"response": {code, description, transid}}`). Transport failures are judged by
 whether the body may have left this process: before that, retrying cannot duplicate a
-message; after it, the outcome is in doubt.
+message; after it, the outcome is in doubt. An HTTP answer always comes after the whole
+body was sent, so a 5xx is in doubt too unless it says the request was refused.
 """
 
 from __future__ import annotations
@@ -159,9 +160,29 @@ def classify(
     description = api.description if api else f"HTTP {http_status}"
 
     if http_status == 429:
+        # Rate limiting refuses a request before it is processed (the API's own answer to
+        # that is 7020 with HTTP 200; 429 is undocumented for v1 but handled the same way).
         return Outcome("retry", code, description, retry_after_s=parse_retry_after(retry_after))
     if http_status >= 500:
-        return Outcome("retry", code, description, retry_after_s=parse_retry_after(retry_after))
+        # An HTTP answer means the whole body was sent, and a 5xx does not say whether the
+        # platform processed it: a gateway answers 502 / 504 when the platform's answer is
+        # lost or late, after the messages were queued, and a 500 may come from a failure
+        # after queueing. The API documents no 5xx (its errors come with HTTP 200), so a 5xx
+        # is in doubt, like a timeout, unless the answer itself says the request was refused:
+        # - the body is the platform's own request-level error object: the platform
+        #   answered for itself, and its code decides as with HTTP 200 (7006, 7020: retry);
+        # - a 503 with a readable Retry-After: "unable to handle the request" now, come back
+        #   later (RFC 9110 15.6.4), what load shedding and maintenance windows answer
+        #   before processing. Proxies answering for a lost or reset upstream (502, 504,
+        #   Envoy's 503 "upstream reset") send no Retry-After, so they stay in doubt.
+        # In doubt costs a wait for the delivery reports (on_timeout), a retry after the
+        # platform queued the messages costs a duplicate SMS for every destination.
+        wait_s = parse_retry_after(retry_after)
+        if api is not None and api.code != QUEUED:
+            return _request_error(api, retry_after_s=wait_s)
+        if http_status == 503 and wait_s is not None:
+            return Outcome("retry", code, description, retry_after_s=wait_s)
+        return Outcome("in_doubt", code, description)
     if (api and api.code in STOP_CODES) or http_status in (401, 403):
         return Outcome("stop_service", code, description)
     if 300 <= http_status < 400:
@@ -177,6 +198,13 @@ def classify(
         return Outcome("ok", QUEUED, "results", results=tuple(parsed))
     if parsed.code == QUEUED:
         return Outcome("ok", QUEUED, parsed.description, results=(parsed,))
-    if parsed.code in RETRY_CODES:
-        return Outcome("retry", parsed.code, parsed.description)
-    return Outcome("rejected", parsed.code, parsed.description)
+    return _request_error(parsed)
+
+
+def _request_error(error: DestinationResult, *, retry_after_s: float | None = None) -> Outcome:
+    """The platform's own refusal of a whole request (its single error object)."""
+    if error.code in STOP_CODES:
+        return Outcome("stop_service", error.code, error.description)
+    if error.code in RETRY_CODES:
+        return Outcome("retry", error.code, error.description, retry_after_s=retry_after_s)
+    return Outcome("rejected", error.code, error.description)

@@ -326,6 +326,8 @@ class Producer:
             msisdn_e164=tuple(p.msisdn_e164 for p in ready),
             encodings=tuple(p.encoding for p in ready),
             parts=tuple(p.parts for p in ready),
+            message=settings,
+            prepared=tuple(destinations),
         )
 
     async def renew_leases(self) -> int:

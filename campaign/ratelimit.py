@@ -11,10 +11,14 @@ multiplicatively and climbs back additively while requests succeed. In a fleet o
 fleet's. Both are applied by charging each destination `1 / (factor * share)` tokens of the
 one underlying bucket, so the bucket's state survives every change.
 
-A request carries at most one bucket's worth of tokens (`max_batch`), so it is paid for in
-one step: a worker then never sends more than `share * factor * (rate * W + bucket)` in a
-window of W seconds, and a whole fleet, whose shares add up to one, never more than the
-rate plus one batch.
+A request carries at most one bucket's worth of tokens (`max_batch` at the moment it is
+paid for), so it is paid for in one step: a worker then never sends more than
+`share * factor * (rate * W + bucket)` in a window of W seconds, and a whole fleet, whose
+shares add up to one, never more than the rate plus one batch. `acquire` enforces it: it
+grants at most `max_batch` destinations, so a batch claimed while the share or factor was
+higher is cut to the current size by its sender instead of being paid for in several
+steps and sent whole (which let the steps of several waiting batches add up to bursts of
+several old batches at once).
 """
 
 from __future__ import annotations
@@ -114,19 +118,23 @@ class ServiceLimiter:
         self._last_change = self._clock()
         self._repriced()
 
-    async def acquire(self, destinations: int) -> None:
-        """Wait until `destinations` may be sent. Larger amounts wait in bucket-sized steps.
+    async def acquire(self, destinations: int) -> int:
+        """Wait until up to `destinations` may be sent, and return how many may: never more
+        than `max_batch` when they were paid for, so a request is paid in one step and the
+        caller sends the rest later (a batch claimed at a higher share or factor).
 
         A wait is priced again when the share or the factor changes meanwhile: a sender
         waiting at the old price would otherwise keep a worker at its old rate (slower
         after a share rose, faster after one fell) until its tokens came through.
         """
-        remaining = float(destinations)
-        while remaining > 1e-9:
-            price = self._price()
-            tokens = min(remaining * price, self._capacity)
+        if destinations < 1:
+            raise ValueError(f"destinations must be at least 1, got {destinations}")
+        while True:
+            granted = min(destinations, self.max_batch)
+            # At most the bucket: max_batch * price exceeds it by rounding only.
+            tokens = min(granted * self._price(), self._capacity)
             if await self._acquire_unless_repriced(tokens):
-                remaining -= tokens / price
+                return granted
 
     def _price(self) -> float:
         """Tokens one destination costs now."""

@@ -2,7 +2,8 @@
 
 Each service runs `max_in_flight` loops over its lane's queue. For every batch: acquire
 the service's limiter for its destinations, mark the batch 'posting' (from then on a
-crash leaves it in doubt, never silently pending), POST the body encoded by the
+crash leaves it in doubt, never silently pending; a batch whose campaign was paused,
+cancelled or expired while it waited is given back instead), POST the body encoded by the
 producer, classify the answer, and write every recipient's outcome and close the batch
 in one statement. Results are matched to recipients by correlation id, never by position.
 """
@@ -307,33 +308,48 @@ class Sender:
 
     async def _send(self, batch: Batch) -> errors.Outcome | None:
         blog = log.bind(campaign_id=batch.campaign_id, batch_id=batch.id, attempt=batch.attempt)
+        granted = batch.destinations
         if not self._lane.stopped:
-            await self._lane.limiter.acquire(batch.destinations)
+            granted = await self._lane.limiter.acquire(batch.destinations)
         if self._lane.stopped:
             await self._release(batch, "service_stopped", "the service was stopped", blog)
             return None
-        if batch.expires_at is not None and batch.expires_at <= datetime.now(UTC):
-            outcome = errors.Outcome("rejected", "expired", "campaign expired before sending")
-            plan = Plan(batch_status="done")
-            for rid in batch.recipient_ids:
-                plan.add(rid, "expired", error_code="expired", attempts_added=0)
-            await self._write(batch, plan, outcome, None, 0, blog)
-            blog.info("batch_expired", destinations=batch.destinations)
-            return None
+        claimed = batch
+        if granted < batch.destinations:
+            # Claimed while the share or factor was higher: sending it whole would put the
+            # worker over its rate by the difference. The rest goes back in mark_posting.
+            batch = batch.first(granted)
         try:
-            posted = await self._pool.fetchval(
+            posting = await self._pool.fetchrow(
                 self._queries["sender_mark_posting"],
                 batch.id,
                 self._worker_id,
                 self._posting_lease_s,
+                list(claimed.recipient_ids[batch.destinations :]),
             )
         except db.UNAVAILABLE_ERRORS as exc:
             blog.error("batch_not_posted", error=str(exc), error_type=type(exc).__name__)
             return None
-        if posted is None:
+        if posting is None:
             # Recovery took the batch back after its lease ran out; it may be claimed again.
             blog.warning("batch_lease_lost")
             return None
+        if posting["held_back"] is not None:
+            # Paused, cancelled or expired while the batch waited: given back, not posted.
+            blog.info(
+                "batch_released",
+                reason=posting["held_back"],
+                destinations=claimed.destinations,
+                released=posting["released"],
+            )
+            return None
+        if batch is not claimed:
+            blog.info(
+                "batch_trimmed",
+                destinations=batch.destinations,
+                released=posting["released"],
+                max_batch=granted,
+            )
 
         attempt = _Attempt()
         started = time.monotonic()

@@ -105,6 +105,9 @@ TRANSITIONS: Final[tuple[Move, ...]] = (
         {"queued", "pending", "unknown", "rejected", "failed", "expired"},
     ),
     _move("sender", "sender_release_batch", {"sending"}, {"pending"}),
+    # A batch whose campaign was paused, cancelled or expired since its claim is given
+    # back at the last moment before its POST.
+    _move("sender", "sender_mark_posting", {"sending"}, {"pending"}),
     # A batch whose worker died or stopped: never posted -> pending, maybe posted -> unknown.
     _move("recovery", "recovery_expired_batches", {"sending"}, {"pending", "unknown"}),
     _move("recovery", "recovery_release_worker", {"sending"}, {"pending", "unknown"}),

@@ -21,6 +21,7 @@ REQUEST_FAULTS = (
     "error_7006",
     "slow_response",
     "drop_connection",
+    "gateway_502",
     "report_before_response",
 )
 REPORT_FAULTS = (
@@ -75,6 +76,7 @@ class Faults:
     error_7006: FaultSpec = FaultSpec()
     slow_response: FaultSpec = FaultSpec(delay_s=30.0)
     drop_connection: FaultSpec = FaultSpec()
+    gateway_502: FaultSpec = FaultSpec()
     report_before_response: FaultSpec = FaultSpec()
     duplicate_report: FaultSpec = FaultSpec(delay_s=0.0)
     out_of_order: FaultSpec = FaultSpec()

@@ -256,6 +256,10 @@ class Simulator:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=204)
+        if self._fires(faults.gateway_502, request_no, elapsed):
+            # A gateway in front of the platform lost the answer: accepted, reported, 502.
+            stats.faults.add("gateway_502")
+            return web.Response(status=502, text="Bad Gateway", content_type="text/html")
         if self._fires(faults.slow_response, request_no, elapsed):
             stats.faults.add("slow_response")
             assert self._closing is not None

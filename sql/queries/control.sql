@@ -2,7 +2,8 @@
 -- campaign does not exist or is in a status the change does not apply to.
 
 -- name: control_pause
--- Pause a sendable campaign; in-flight batches finish, no new ones are claimed.
+-- Pause a sendable campaign; requests in flight finish, batches claimed but not yet posted
+-- are given back (sender_mark_posting), no new ones are claimed.
 -- $1 campaign id
 UPDATE campaign.campaigns c
    SET status = 'paused'

@@ -6,11 +6,50 @@
 -- (its recipients become 'unknown', never silently 'pending'). The lease is renewed for the
 -- request's duration. No row means the lease was lost (recovery released the batch, its
 -- recipients may already be claimed elsewhere): the batch must not be sent.
--- $1 batch id, $2 worker id, $3 lease seconds
-UPDATE campaign.batches
-   SET status = 'posting', posted_at = now(), lease_until = now() + make_interval(secs => $3)
- WHERE id = $1 AND worker_id = $2 AND status = 'claimed'
-RETURNING id;
+-- This is also the last moment a pause, cancel or expiry can stop the batch, which may have
+-- waited in a queue and at the rate limiter since its claim: when its campaign is no longer
+-- ready or running, or expires_at has passed, the batch is released instead of posted (its
+-- recipients back to 'pending', attempts unchanged; the producer's sweeps then cancel or
+-- expire them, a paused campaign's wait for a resume). held_back says why ('campaign_paused',
+-- 'campaign_cancelled', 'campaign_expired'; NULL: posting), released how many went back.
+-- Read in the same statement as the update: a change committed before it is always seen.
+-- A batch claimed at a higher share or AIMD factor than the limiter now allows is cut by
+-- the sender to its first recipients; the others ($4, never posted) go back to 'pending'
+-- here, attempts unchanged, and are claimed again at the current size. released counts
+-- them too.
+-- $1 batch id, $2 worker id, $3 lease seconds, $4 recipient ids cut off the batch (bigint[])
+WITH mine AS (
+    SELECT b.id,
+           CASE WHEN c.status NOT IN ('ready', 'running') THEN 'campaign_' || c.status
+                WHEN c.expires_at <= now() THEN 'campaign_expired'
+           END AS held_back
+      FROM campaign.batches b
+      JOIN campaign.campaigns c ON c.id = b.campaign_id
+     WHERE b.id = $1 AND b.worker_id = $2 AND b.status = 'claimed'
+       FOR UPDATE OF b
+), returned AS (
+    UPDATE campaign.recipients r
+       SET status = 'pending', updated_at = now()
+      FROM mine m
+     WHERE r.batch_id = m.id AND r.status = 'sending'
+       AND (m.held_back IS NOT NULL OR r.id = ANY($4::bigint[]))
+    RETURNING r.id
+)
+UPDATE campaign.batches b
+   SET status = CASE WHEN m.held_back IS NULL THEN 'posting' ELSE 'released' END,
+       destinations = CASE WHEN m.held_back IS NULL
+                           THEN b.destinations - (SELECT count(*) FROM returned)
+                           ELSE b.destinations END,
+       posted_at = CASE WHEN m.held_back IS NULL THEN now() END,
+       lease_until = CASE WHEN m.held_back IS NULL THEN now() + make_interval(secs => $3)
+                          ELSE b.lease_until END,
+       error_code = m.held_back,
+       error_message = CASE WHEN m.held_back IS NOT NULL
+                            THEN 'not posted: the campaign stopped sending since the claim' END,
+       finished_at = CASE WHEN m.held_back IS NOT NULL THEN now() END
+  FROM mine m
+ WHERE b.id = m.id
+RETURNING b.id, m.held_back, (SELECT count(*) FROM returned) AS released;
 
 -- name: sender_write_results
 -- Every recipient's outcome (matched by correlation id in the caller), and the batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from campaign import db
+from campaign.batch import Lane
+from campaign.producer import Producer
+from campaign.ratelimit import ServiceLimiter
+from campaign.sender import Sender, create_session
 from campaign.worker import Worker
 from tests.helpers.fake_api import Drop, FakeApi, Hang, Reply, api_error
 from tests.helpers.proc import SERVICE_KEY, WEBHOOK_TOKEN, Processes, write_config
@@ -222,8 +228,8 @@ async def test_suppressed_and_invalid_numbers_are_not_sent(api, conn, dsn) -> No
         (api_error("7020", "Maximum transaction limit reached"), "7020"),
         (api_error("7006", "Internal error"), "7006"),
         (Reply(status=429, headers={"Retry-After": "0"}), "http_429"),
-        (Reply(status=500), "http_500"),
-        (Reply(status=503, body=b"busy"), "http_503"),
+        (Reply(status=503, body=b"maintenance", headers={"Retry-After": "0"}), "http_503"),
+        (Reply(status=503, body=api_error("7006", "Internal error").body), "7006"),
     ],
 )
 async def test_retryable_answers_are_retried(api, conn, dsn, first, error_code) -> None:
@@ -339,6 +345,37 @@ async def test_timeout_after_sending_resolves_then_resends(api, conn, dsn) -> No
     assert set(api.accepted.values()) == {2}
 
 
+@pytest.mark.parametrize(
+    ("on_timeout", "final", "requests"), [("resolve", "queued", 2), ("fail", "failed", 1)]
+)
+async def test_a_5xx_after_the_platform_took_the_request_is_in_doubt_not_retried(
+    api, conn, dsn, on_timeout, final, requests
+) -> None:
+    def gateway_lost_the_answer(received: Any) -> Reply | None:
+        if received.index != 0:
+            return None
+        # The platform queued every message; the gateway in front of it answered 502.
+        for _, correlation_id, _ in received.destinations:
+            api.accepted[correlation_id] += 1
+        return Reply(status=502, body=b"<html>502 Bad Gateway</html>")
+
+    api.responder = gateway_lost_the_answer
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(4))
+    settings = make_settings(api.base_url, service={"on_timeout": on_timeout})
+    with capture_logs() as logs:
+        assert await drain(settings, dsn) == 0
+    assert events(logs, "send_retry_scheduled") == []
+    [doubt] = events(logs, "batch_in_doubt")
+    assert (doubt["http_status"], doubt["error_code"]) == (502, "http_502")
+    assert (await batch_statuses(conn))[0] == "in_doubt"
+    # "resolve": no report came within the grace period, so sent again only after it.
+    assert len(api.requests) == requests
+    rows = await recipients(conn, cid)
+    assert {r["status"] for r in rows} == {final}
+    assert {r["attempts"] for r in rows} == {requests}
+
+
 async def test_a_report_during_the_grace_period_settles_an_in_doubt_recipient(
     api, conn, dsn
 ) -> None:
@@ -399,6 +436,68 @@ async def test_repeated_7020_lowers_the_rate(api, conn, dsn) -> None:
     assert max(api.sizes()[2:]) <= 20
 
 
+async def wait_for_claimed(
+    conn: asyncpg.Connection, count: int, *, timeout_s: float = 10.0
+) -> None:
+    """Until `count` batches are claimed and not yet posted (a safety limit only)."""
+    async with asyncio.timeout(timeout_s):
+        while (
+            await conn.fetchval("SELECT count(*) FROM campaign.batches WHERE status = 'claimed'")
+            < count
+        ):
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("change", "left", "reason"),
+    [
+        ("control_pause", "pending", "campaign_paused"),
+        ("control_cancel", "cancelled", "campaign_cancelled"),
+        ("expire", "expired", "campaign_expired"),
+    ],
+)
+async def test_batches_claimed_before_a_pause_cancel_or_expiry_are_not_posted(
+    api, conn, dsn, change, left, reason
+) -> None:
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(200))
+    # 20 destinations every 0.2 s: the queue (4) and both senders hold claimed batches.
+    max_in_flight = 2
+    settings = make_settings(
+        api.base_url,
+        service={"rate_per_s": 100.0, "batch_size": 20, "max_in_flight": max_in_flight},
+        producer={"queue_size": 4},
+    )
+    worker = Worker(settings=settings, dsn=dsn, drain=True)
+    with capture_logs() as logs:
+        running = asyncio.create_task(worker.run())
+        await wait_for_claimed(conn, 4)
+        if change == "expire":
+            await conn.execute(
+                "UPDATE campaign.campaigns SET expires_at = now() WHERE id = $1", cid
+            )
+        else:
+            assert await conn.fetchval(db.load_queries()[change], cid) is not None
+        committed_at = time.monotonic()
+        assert await asyncio.wait_for(running, timeout=30.0) == 0
+
+    # Only batches already marked posting when the change committed may still go out.
+    assert len([r for r in api.requests if r.at > committed_at]) <= max_in_flight
+    counts = await statuses(conn, cid)
+    assert set(counts) <= {"queued", left}
+    assert counts.get("queued", 0) == api.destinations()
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaign.recipients WHERE status = $1 AND attempts = 0", left
+        )
+        == counts[left]
+    )
+    released = events(logs, "batch_released")
+    assert released, "no claimed batch was given back: the test proved nothing"
+    assert {e["reason"] for e in released} == {reason}
+    assert all(e["campaign_id"] == cid and e["released"] > 0 for e in released)
+
+
 # --- rate, concurrency, crashes -------------------------------------------------------------
 
 
@@ -419,6 +518,82 @@ async def test_rate_limit_is_held_at_the_server(api, conn, dsn) -> None:
             assert sent <= rate * window_s + batch, (window_s, start, sent)
     # 800 destinations at 200/s, of which one batch may go at once.
     assert arrivals[-1][0] - arrivals[0][0] >= (800 - batch) / rate - 0.1
+
+
+@pytest.mark.parametrize("change", ["share", "factor"])
+async def test_batches_claimed_before_the_rate_fell_are_cut_to_it(api, pool, conn, change) -> None:
+    """Full queues of batches sized for the full rate, then a worker joins (share 1/2) or
+    7020s halve the fleet's factor: what reaches the server stays within the new rate plus
+    one new batch in every window, and what was cut off goes back untouched."""
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(8000))
+    settings = make_settings(
+        api.base_url,
+        service={"rate_per_s": 2000.0, "batch_size": 1000, "max_in_flight": 4},
+        producer={"queue_size": 8},
+    )
+    lane = Lane(name="default", settings=settings.services["default"], queue_size=8)
+    # No step back up during the test: the bound below is the halved rate's.
+    lane.limiter = ServiceLimiter(
+        service="default", rate_per_s=2000.0, batch_size=1000, increase_interval_s=3600.0
+    )
+    queries = db.load_queries()
+    producer = Producer(
+        pool=pool,
+        queries=queries,
+        lanes={"default": lane},
+        settings=settings.producer,
+        worker_id="w1",
+        notify_url=None,
+    )
+    assert await producer.fill() == 8
+    sizes = await conn.fetch("SELECT DISTINCT destinations FROM campaign.batches")
+    assert [r["destinations"] for r in sizes] == [1000]  # sized for the full rate
+    if change == "share":
+        lane.limiter.set_share(0.5)
+    else:
+        lane.limiter.adopt_factor(0.5)
+    rate, batch = lane.limiter.effective_rate_per_s, lane.limiter.max_batch
+    assert (rate, batch) == (1000.0, 500)
+
+    stop = asyncio.Event()
+    async with create_session(connections=4) as session:
+        sender = Sender(
+            pool=pool,
+            queries=queries,
+            lane=lane,
+            session=session,
+            api=settings.api,
+            producer=settings.producer,
+            worker_id="w1",
+        )
+        with capture_logs() as logs:
+            running = asyncio.create_task(sender.run(stop))
+            async with asyncio.timeout(60.0):  # a safety limit only
+                while not lane.queue.empty() or lane.held:
+                    await asyncio.sleep(0.02)
+            stop.set()
+            await running
+
+    assert max(api.sizes()) <= batch
+    arrivals = sorted(api.arrivals())
+    for window_s in (1.0, 2.0):
+        for start, _ in arrivals:
+            sent = sum(n for t, n in arrivals if start <= t < start + window_s)
+            assert sent <= rate * window_s + batch, (window_s, start, sent)
+    # Every batch was posted, cut to the new size; the rest is pending again, never tried.
+    assert len(api.requests) == 8
+    counts = await statuses(conn, cid)
+    assert counts == {"queued": api.destinations(), "pending": 8000 - api.destinations()}
+    assert (
+        await conn.fetchval(
+            "SELECT max(attempts) FROM campaign.recipients WHERE status = 'pending'"
+        )
+        == 0
+    )
+    trimmed = events(logs, "batch_trimmed")
+    assert len(trimmed) == 8
+    assert all(e["destinations"] + e["released"] == 1000 for e in trimmed)
 
 
 async def test_two_workers_never_send_a_recipient_twice(api, pool, dsn) -> None:

@@ -432,6 +432,30 @@ async def test_dropped_connection_after_the_request_was_read_is_the_in_doubt_cas
     assert after.results[0]["code"] == "1001"
 
 
+async def test_gateway_502_is_answered_after_the_request_was_accepted(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with (
+        receiver() as rec,
+        simulator(
+            fast_config(faults=faults(gateway_502=FaultSpec(probability=1.0, requests=(1, 1))))
+        ) as sim,
+    ):
+        first = await post(session, sim, sms(["447700900001"], notifyurl=rec.url()))
+        # Accepted and reported all the same: only the answer was lost.
+        await rec.wait_for(1)
+        after = await post(session, sim, sms(["447700900002"]))
+        stats = sim.stats()
+    assert first.status == 502
+    assert stats["faults"] == {"gateway_502": 1}
+    assert stats["msisdns"] == {"447700900001": 1, "447700900002": 1}
+    assert stats["destinations"]["accepted"] == 2
+    assert rec.reports()[0]["deliveryInfoNotification"]["deliveryInfo"]["destination"] == (
+        "447700900001"
+    )
+    assert after.results[0]["code"] == "1001"
+
+
 async def test_report_before_response(session: aiohttp.ClientSession) -> None:
     config = fast_config(
         dr_delay_min_s=5.0,

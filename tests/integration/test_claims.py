@@ -281,20 +281,73 @@ async def test_mark_posting_only_for_the_owner_of_a_claimed_batch(conn, q) -> No
     cid = await create_campaign(conn)
     await add_recipients(conn, cid, numbers(2))
     batch_id = (await claim(conn, q, cid, worker="w1"))[0]["batch_id"]
-    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "someone-else", 30.0) is None
-    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0) == batch_id
+    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "someone-else", 30.0, []) is None
+    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0, []) == batch_id
     batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
     assert batch["status"] == "posting"
     assert batch["posted_at"] is not None
     # Already posting: a second POST of the same batch is refused.
-    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0) is None
+    assert await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0, []) is None
+
+
+@pytest.mark.parametrize(
+    ("stopping", "reason"),
+    [
+        ("UPDATE campaign.campaigns SET status = 'paused' WHERE id = $1", "campaign_paused"),
+        ("UPDATE campaign.campaigns SET status = 'cancelled' WHERE id = $1", "campaign_cancelled"),
+        ("UPDATE campaign.campaigns SET expires_at = now() WHERE id = $1", "campaign_expired"),
+    ],
+    ids=["paused", "cancelled", "expired"],
+)
+async def test_mark_posting_releases_a_batch_whose_campaign_stopped_since_the_claim(
+    conn, q, stopping, reason
+) -> None:
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(3))
+    batch_id = (await claim(conn, q, cid))[0]["batch_id"]
+    await conn.execute(stopping, cid)
+    row = await conn.fetchrow(q["sender_mark_posting"], batch_id, "w1", 30.0, [])
+    assert (row["id"], row["held_back"], row["released"]) == (batch_id, reason, 3)
+    # Never posted: back to pending with the attempts untouched, for the sweeps to settle.
+    assert await statuses(conn, cid) == {"pending": 3}
+    assert await conn.fetchval("SELECT sum(attempts) FROM campaign.recipients") == 0
+    batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
+    assert (batch["status"], batch["error_code"], batch["posted_at"]) == ("released", reason, None)
+    assert batch["finished_at"] is not None
+    # Released once: it cannot be posted afterwards.
+    assert await conn.fetchrow(q["sender_mark_posting"], batch_id, "w1", 30.0, []) is None
+
+
+async def test_mark_posting_posts_a_running_campaign(conn, q) -> None:
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(2))
+    batch_id = (await claim(conn, q, cid))[0]["batch_id"]
+    row = await conn.fetchrow(q["sender_mark_posting"], batch_id, "w1", 30.0, [])
+    assert (row["id"], row["held_back"], row["released"]) == (batch_id, None, 0)
+    assert await statuses(conn, cid) == {"sending": 2}
+
+
+async def test_mark_posting_gives_back_the_recipients_cut_off_the_batch(conn, q) -> None:
+    cid = await create_campaign(conn)
+    ids = await add_recipients(conn, cid, numbers(5))
+    batch_id = (await claim(conn, q, cid))[0]["batch_id"]
+    row = await conn.fetchrow(q["sender_mark_posting"], batch_id, "w1", 30.0, ids[2:])
+    assert (row["id"], row["held_back"], row["released"]) == (batch_id, None, 3)
+    rows = await conn.fetch(
+        "SELECT status, attempts FROM campaign.recipients WHERE campaign_id = $1 ORDER BY id", cid
+    )
+    assert [(r["status"], r["attempts"]) for r in rows] == [("sending", 0)] * 2 + [
+        ("pending", 0)
+    ] * 3
+    batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
+    assert (batch["status"], batch["destinations"]) == ("posting", 2)
 
 
 async def test_write_results_stores_every_outcome_and_closes_the_batch(conn, q) -> None:
     cid = await create_campaign(conn)
     ids = await add_recipients(conn, cid, numbers(4))
     batch_id = (await claim(conn, q, cid))[0]["batch_id"]
-    await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0)
+    await conn.fetchval(q["sender_mark_posting"], batch_id, "w1", 30.0, [])
     updated = await conn.fetchval(
         q["sender_write_results"],
         batch_id,
@@ -409,7 +462,7 @@ async def test_recover_expired_batches(conn, q) -> None:
     await add_recipients(conn, cid, numbers(6))
     claimed = (await claim(conn, q, cid, 2, lease_s=0.0))[0]["batch_id"]
     posting = (await claim(conn, q, cid, 2, lease_s=0.0))[0]["batch_id"]
-    await conn.fetchval(q["sender_mark_posting"], posting, "w1", 0.0)
+    await conn.fetchval(q["sender_mark_posting"], posting, "w1", 0.0, [])
     live = (await claim(conn, q, cid, 2, lease_s=60.0))[0]["batch_id"]
     await asyncio.sleep(0.01)
 
@@ -442,7 +495,7 @@ async def test_release_worker_batches_only_touches_that_worker(conn, q) -> None:
     await add_recipients(conn, cid, numbers(6))
     mine_claimed = (await claim(conn, q, cid, 2, worker="me"))[0]["batch_id"]
     mine_posting = (await claim(conn, q, cid, 2, worker="me"))[0]["batch_id"]
-    await conn.fetchval(q["sender_mark_posting"], mine_posting, "me", 60.0)
+    await conn.fetchval(q["sender_mark_posting"], mine_posting, "me", 60.0, [])
     (await claim(conn, q, cid, 2, worker="other"))[0]["batch_id"]
     row = await conn.fetchrow(q["recovery_release_worker"], "me")
     assert dict(row) == {"batches": 2, "released": 2, "in_doubt": 2}

@@ -44,9 +44,19 @@ def results(*codes: str) -> bytes:
         (200, api_error("7200"), True, "rejected", "7200"),
         # HTTP-level answers.
         (429, b"", True, "retry", "http_429"),
-        (500, b"oops", True, "retry", "http_500"),
-        (502, b"", True, "retry", "http_502"),
+        # A 5xx came after the body was sent: the platform may have queued the messages
+        # (a gateway's 502 / 504 after the platform answered), so it is in doubt...
+        (500, b"oops", True, "in_doubt", "http_500"),
+        (502, b"", True, "in_doubt", "http_502"),
+        (502, b"<html>502 Bad Gateway</html>", True, "in_doubt", "http_502"),
+        (503, b"busy", True, "in_doubt", "http_503"),
+        (504, b"", True, "in_doubt", "http_504"),
+        (500, results("1001"), True, "in_doubt", "http_500"),
+        # ...unless the platform itself refused the whole request with its own error object.
         (503, api_error("7006"), True, "retry", "7006"),
+        (500, api_error("7020"), True, "retry", "7020"),
+        (500, api_error("7001"), True, "stop_service", "7001"),
+        (502, api_error("7004"), True, "rejected", "7004"),
         (400, b"bad", True, "rejected", "http_400"),
         (404, b"", True, "rejected", "http_404"),
         (413, b"", True, "rejected", "http_413"),
@@ -125,8 +135,18 @@ def test_numeric_codes_are_read_as_text() -> None:
 
 def test_retry_after_is_honoured() -> None:
     assert classify(429, b"", body_sent=True, retry_after="7").retry_after_s == 7.0
-    assert classify(503, b"", body_sent=True, retry_after="2").retry_after_s == 2.0
     assert classify(429, b"", body_sent=True).retry_after_s is None
+
+
+def test_a_503_with_retry_after_is_a_refusal_and_is_retried() -> None:
+    outcome = classify(503, b"busy", body_sent=True, retry_after="2")
+    assert (outcome.kind, outcome.code, outcome.retry_after_s) == ("retry", "http_503", 2.0)
+    # A Retry-After nobody can read does not make a 503 a refusal; nor does it other 5xx.
+    assert classify(503, b"", body_sent=True, retry_after="soon").kind == "in_doubt"
+    assert classify(502, b"", body_sent=True, retry_after="2").kind == "in_doubt"
+    assert classify(500, b"", body_sent=True, retry_after="2").kind == "in_doubt"
+    # The platform's own 7020 object with a 5xx: retried after the Retry-After it gave.
+    assert classify(500, api_error("7020"), body_sent=True, retry_after="3").retry_after_s == 3.0
 
 
 def test_parse_retry_after_date() -> None:

@@ -107,12 +107,26 @@ async def test_acquire_holds_the_rate_beyond_one_bucket() -> None:
     assert loop.time() - started >= 0.35
 
 
-async def test_acquire_takes_more_than_the_bucket_in_steps() -> None:
+async def test_acquire_grants_at_most_one_current_batch() -> None:
     lim = ServiceLimiter(service="s", rate_per_s=2000.0, batch_size=100)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await lim.acquire(300)
-    assert loop.time() - started >= 0.08
+    assert await lim.acquire(300) == 100
+    assert await lim.acquire(30) == 30
+    # A batch claimed at the full rate, paid for after a worker joined: half of it now.
+    lim.set_share(0.5)
+    assert await lim.acquire(100) == 50
+    lim.adopt_factor(0.5)
+    assert await lim.acquire(100) == 25
+    with pytest.raises(ValueError):
+        await lim.acquire(0)
+
+
+async def test_a_wait_priced_again_grants_the_new_batch_size() -> None:
+    lim = ServiceLimiter(service="s", rate_per_s=100.0, batch_size=100)
+    assert await lim.acquire(100) == 100  # the bucket is full
+    waiting = asyncio.create_task(lim.acquire(100))
+    await asyncio.sleep(0.05)
+    lim.set_share(0.25)
+    assert await asyncio.wait_for(waiting, timeout=5.0) == 25
 
 
 async def test_a_lowered_rate_charges_more_per_destination() -> None:

@@ -4,9 +4,10 @@ import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
-from campaign import errors, sms
+from campaign import errors, payload, sms
 from campaign.batch import Batch
 from campaign.prepare import Claimed, normalise_all
 from campaign.sender import Backoff, claim_columns, plan_results
@@ -150,3 +151,33 @@ def test_a_number_normalised_by_an_earlier_attempt_is_not_parsed_again() -> None
     first, second = normalise_all(rows, default_region="")
     assert first == "+919800000001"
     assert isinstance(second, sms.InvalidRecipient)
+
+
+def test_a_batch_cut_to_fewer_recipients_carries_only_them() -> None:
+    message = payload.MessageSettings(sender_id="S", priority=2)
+    prepared = tuple(
+        payload.Destination(correlation_id=f"c{i}", msisdn=f"91980000000{i}", text=f"Hi {i}")
+        for i in range(4)
+    )
+    whole = replace(
+        batch(4),
+        body=payload.build_body(message, prepared),
+        msisdn_e164=tuple(f"+91980000000{i}" for i in range(4)),
+        encodings=("gsm7",) * 4,
+        parts=(1,) * 4,
+        message=message,
+        prepared=prepared,
+    )
+    cut = whole.first(3)
+    assert (cut.id, cut.campaign_id) == (whole.id, whole.campaign_id)
+    assert cut.recipient_ids == whole.recipient_ids[:3]
+    assert cut.correlation_ids == ("c0", "c1", "c2")
+    assert cut.msisdn_e164 == whole.msisdn_e164[:3]
+    assert cut.body == payload.build_body(message, prepared[:3])
+    sent = [d["correlationid"] for m in orjson.loads(cut.body) for d in m["destination"]]
+    assert sent == ["c0", "c1", "c2"]
+    for count in (0, 4):
+        with pytest.raises(ValueError):
+            whole.first(count)
+    with pytest.raises(ValueError):
+        batch(4).first(2)  # no destinations to build a body from
