@@ -155,6 +155,16 @@ def dsn_password(dsn: str) -> str:
     return match.group(1) if match else ""
 
 
+# The webhook token is the last segment of every DR / MO URL (notifyurl included), sent
+# and routed unencoded: a '/', '?', '#' or '%' in it turns every report into a 404 that the
+# platform does not retry. RFC 3986's unreserved characters need no encoding anywhere.
+_URL_SAFE_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
+_URL_SAFE_HINT = (
+    "may hold only letters, digits and - _ . ~ (it is a URL path segment; a base64 token "
+    "often holds '/' or '+'): make one with `openssl rand -hex 32` or "
+    "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+)
+
 # Positive numbers where 0 would stall or divide; checked after types.
 _POSITIVE = {
     "rate_per_s",
@@ -252,6 +262,9 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
             raise ConfigError(f"{source}: {where} {name}: must be greater than 0")
     if cls is ServiceSettings and not 1 <= kwargs.get("batch_size", 1000) <= 1000:
         raise ConfigError(f"{source}: {where} batch_size: must be between 1 and 1000")
+    token = kwargs.get("token")
+    if cls is WebhookSettings and token and not _URL_SAFE_TOKEN.fullmatch(token):
+        raise ConfigError(f"{source}: {where} token: {_URL_SAFE_HINT}")
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
     for key, value in kwargs.items():

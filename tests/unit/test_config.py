@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -101,6 +102,12 @@ CASES = [
     ("[services.a]\nkey = 'k'\non_timeout = 'maybe'\n", "on_timeout: 'maybe' is not one of"),
     ("[logging]\nformat = 'xml'\n", "[logging] format: 'xml' is not one of"),
     ("[webhooks]\ntoken = ''\n", "[webhooks] token: missing"),
+    # The token is a URL path segment: a '/' (half of all base64 tokens), '?', '#' or '%'
+    # would make every report URL a 404 the platform never retries.
+    *(
+        (f"[webhooks]\ntoken = 'abc{c}def123'\n", "[webhooks] token: may hold only letters, digits")
+        for c in "/?#% +="
+    ),
     ("[optout]\nstop_keywords = 'STOP'\n", "stop_keywords: expected a list of strings"),
     ("[database]\npool_min = 5\npool_max = 2\n", "pool_min: must not exceed pool_max"),
     ("[api\n", "not valid TOML"),
@@ -148,3 +155,31 @@ def test_cli_exits_non_zero_with_one_line_naming_key_and_file(tmp_path: Path) ->
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert str(path) in lines[0] and "rate_per_s" in lines[0]
+
+
+@pytest.mark.parametrize("token", ["Zm9v/YmFy+cXV4", "abc?def", "abc#def", "abc%2Fdef"])
+def test_webhook_token_outside_url_safe_characters_exits_2_with_a_hint(
+    tmp_path: Path, token: str
+) -> None:
+    path = _write(tmp_path, f"[webhooks]\ntoken = '{token}'\n")
+    # A loopback port nothing listens on: were the token accepted, migrate fails fast (1).
+    env = os.environ | {config.ENV_DSN: "postgresql://nobody@127.0.0.1:9/none"}
+    result = subprocess.run(
+        [sys.executable, "-m", "campaign", "--config", str(path), "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "[webhooks] token" in line and str(path) in line
+    assert "openssl rand -hex 32" in line and "token_urlsafe" in line
+    assert token not in line
+
+
+def test_url_safe_webhook_tokens_load() -> None:
+    for token in ("a" * 64, "Ab-9_x.y~z", "0123456789abcdef"):
+        settings = config.parse({"webhooks": {"token": token}})
+        assert settings.webhooks.token == token
