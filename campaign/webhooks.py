@@ -29,7 +29,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from campaign import db, metrics, reports
+from campaign import db, logs, metrics, reports
 from campaign.config import OptOutSettings, WebhookSettings
 from campaign.netaddr import parse_listen as parse_listen  # re-exported, as before
 from campaign.reports import DeliveryReport, IncomingMessage, ParseError
@@ -88,6 +88,7 @@ class WebhookStats:
     groups_committed: int = 0
     rejected: int = 0
     unauthorized: int = 0
+    not_found: int = 0
     unavailable: int = 0
 
 
@@ -266,6 +267,8 @@ class WebhookServer:
         self._token = settings.token.encode()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
         self.stats = WebhookStats()
+        # Lines any client can cause (wrong paths, tokens, networks) are rate-limited.
+        self._throttle = logs.LogThrottle()
         self._committer: GroupCommitter | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -277,6 +280,9 @@ class WebhookServer:
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}", self._missing_token)
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}/", self._missing_token)
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}/{token}", self._webhook)
+        # Anything else under the prefix (a token holding '/' gives such a path): a 404 that
+        # is logged, since the access log is off and the platform does not retry it.
+        app.router.add_route("*", WEBHOOK_PREFIX + "/{rest:.*}", self._not_found)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         return app
@@ -339,13 +345,30 @@ class WebhookServer:
     def _unauthorized(self, request: web.Request, reason: str) -> web.Response:
         self.stats.unauthorized += 1
         # Never the path: it holds the token that was tried.
-        log.warning(
+        self._client_warning(
             "webhook_unauthorized",
             kind=request.match_info.get("kind"),
             reason=reason,
             remote=request.remote,
         )
         return web.Response(status=404, text="not found")
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        self.stats.not_found += 1
+        first = request.match_info["rest"].split("/", 1)[0]
+        # Never the path: it may hold a token, whole or in pieces.
+        self._client_warning(
+            "webhook_not_found",
+            kind=first if first in KINDS else None,
+            method=request.method,
+            remote=request.remote,
+        )
+        return web.Response(status=404, text="not found")
+
+    def _client_warning(self, event: str, **fields: Any) -> None:
+        dropped = self._throttle.allow(event)
+        if dropped is not None:
+            log.warning(event, suppressed=dropped, **fields)
 
     def _allowed_source(self, request: web.Request) -> bool:
         if not self._networks:
@@ -367,7 +390,9 @@ class WebhookServer:
         kind = request.match_info["kind"]
         if not self._allowed_source(request):
             self.stats.unauthorized += 1
-            log.warning("webhook_forbidden", kind=kind, reason="network", remote=request.remote)
+            self._client_warning(
+                "webhook_forbidden", kind=kind, reason="network", remote=request.remote
+            )
             return web.Response(status=403, text="forbidden")
         if not hmac.compare_digest(request.match_info["token"].encode(), self._token):
             return self._unauthorized(request, "token_mismatch")
@@ -384,7 +409,9 @@ class WebhookServer:
             return web.Response(status=413, text="body too large")
         if not self._signed(request, body):
             self.stats.unauthorized += 1
-            log.warning("webhook_forbidden", kind=kind, reason="signature", remote=request.remote)
+            self._client_warning(
+                "webhook_forbidden", kind=kind, reason="signature", remote=request.remote
+            )
             return web.Response(status=403, text="forbidden")
         try:
             if kind == "dr":

@@ -470,3 +470,26 @@ async def test_killed_mid_run_every_200_was_committed_and_retries_store_once(
     events = [orjson.loads(line).get("event") for line in stderr]
     assert "webhooks_stopping" in events
     assert TOKEN not in b"".join(stderr).decode()
+
+
+async def test_unknown_webhook_paths_are_404_and_logged_without_path_or_token_rate_limited(
+    pool: asyncpg.Pool, http: aiohttp.ClientSession
+) -> None:
+    # What a token holding '/', '?' or '#' made of every report: a path no route matches.
+    paths = [f"/webhooks/dr/{TOKEN}/x", f"/webhooks/mo/{TOKEN[:4]}/{TOKEN[4:]}", "/webhooks/x/y"]
+    with capture_logs() as logs:
+        async with running_server(pool) as server:
+            statuses = [(await post(http, server.url + p, dr("t")))[0] for p in paths]
+            async with http.get(f"{server.url}/webhooks/dr/{TOKEN}") as response:
+                statuses.append(response.status)
+            # A scanner: fifty more.
+            for n in range(50):
+                statuses.append((await post(http, f"{server.url}/webhooks/dr/a/{n}", b"{}"))[0])
+    assert statuses == [404] * 54
+    found = [e for e in logs if e["event"] == "webhook_not_found"]
+    assert [e["kind"] for e in found[:4]] == ["dr", "mo", None, "dr"]
+    assert all(e["remote"] == "127.0.0.1" and e["log_level"] == "warning" for e in found)
+    # Rate-limited: not one line per request.
+    assert 4 <= len(found) < 54
+    text = repr(logs)
+    assert TOKEN not in text and TOKEN[4:] not in text and "/webhooks/" not in text
