@@ -37,6 +37,9 @@ OptOutAction = Literal["opt_out", "opt_in"]
 # Text columns cannot hold NUL; a body carrying one would fail the whole group's INSERT.
 _NUL = "\x00"
 _MAX_INT4 = 2**31 - 1
+# orjson, which writes the raw jsonb column, refuses deeper nesting ("Recursion limit
+# reached"); the top level counts as one.
+MAX_DEPTH = 254
 _E164_DIGITS = re.compile(r"^\+?([1-9][0-9]{6,14})$")
 # Epoch numbers above this are milliseconds (1e11 seconds is the year 5138).
 _EPOCH_MS_THRESHOLD = 100_000_000_000
@@ -168,6 +171,12 @@ def _items(body: bytes) -> list[Mapping[str, Any]]:
     # escape needs no walk through every string.
     if b"\\u0000" in body and _has_nul(data):
         raise ParseError("a string holds a NUL character")
+    # Nesting cannot exceed the number of brackets: most bodies need no check at all.
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH:
+        try:
+            orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            raise ParseError(f"nested deeper than {MAX_DEPTH} levels: cannot be stored") from None
     return items
 
 
@@ -281,13 +290,22 @@ def _timestamp(value: Any, name: str) -> datetime | None:
     raise ParseError(f"{name}: expected a timestamp, got {_kind(value)}")
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return _NUL in value
-    if isinstance(value, dict):
-        return any(_NUL in k or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
+def _has_nul(data: Any) -> bool:
+    # A loop, not recursion: orjson parses ~1000 levels, deeper than Python's stack allows
+    # a recursive walk (a RecursionError here was a 500 and a body never kept).
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _NUL in value:
+                return True
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _NUL in key:
+                    return True
+                stack.append(item)
+        elif isinstance(value, list):
+            stack.extend(value)
     return False
 
 

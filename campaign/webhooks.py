@@ -382,9 +382,13 @@ class WebhookServer:
     def _signed(self, request: web.Request, body: bytes) -> bool:
         if not self._settings.hmac_secret:
             return True
-        header = request.headers.get(SIGNATURE_HEADER, "")
+        try:
+            # aiohttp hands over undecodable header bytes as surrogates; a signature is ASCII.
+            given = request.headers.get(SIGNATURE_HEADER, "").encode("ascii")
+        except UnicodeEncodeError:
+            return False
         expected = hmac.new(self._settings.hmac_secret.encode(), body, hashlib.sha256)
-        return hmac.compare_digest(header.encode(), f"sha256={expected.hexdigest()}".encode())
+        return hmac.compare_digest(given, f"sha256={expected.hexdigest()}".encode())
 
     async def _webhook(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]

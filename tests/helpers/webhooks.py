@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -129,3 +131,17 @@ async def running_server(pool: db.Pool, **overrides: Any) -> AsyncIterator[Webho
         yield server
     finally:
         await server.stop()
+
+
+async def raw_exchange(url: str, data: bytes, *, timeout_s: float = 30.0) -> bytes:
+    """Send `data` as is on a new connection to `url`'s host and port; everything read back
+    until the server closes (`timeout_s` is a safety net: TimeoutError if it never does)."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout_s):
+            return await reader.read()
+    finally:
+        writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -322,3 +323,17 @@ def test_incoming_messages_round_trip_stripped_and_nul_refused(
         return
     [message] = reports.parse_incoming_messages(body)
     assert (message.oa, message.message, message.tid) == (oa, text.strip(), tid)
+
+
+@pytest.mark.parametrize("parse", [reports.parse_delivery_reports, reports.parse_incoming_messages])
+def test_deep_bodies_raise_parse_error_not_recursion_error(
+    parse: Callable[[bytes], object],
+) -> None:
+    deep_nul = b'{"a":' * 600 + b'"\\u0000"' + b"}" * 600
+    with pytest.raises(ParseError, match="NUL"):
+        parse(deep_nul)
+    too_deep = (
+        b'{"oa":"1","a":' + b"[" * (reports.MAX_DEPTH + 1) + b"]" * (reports.MAX_DEPTH + 1) + b"}"
+    )
+    with pytest.raises(ParseError, match="nested deeper"):
+        parse(too_deep)
