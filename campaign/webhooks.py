@@ -259,10 +259,13 @@ class WebhookServer:
         settings: WebhookSettings,
         optout: OptOutSettings,
         queries: Mapping[str, str],
+        regions: reports.OptOutRegions | None = None,
     ) -> None:
         self._pool = pool
         self._settings = settings
         self._optout = optout
+        # None: no region, so a national-format number cannot opt out.
+        self._regions = regions or reports.OptOutRegions()
         self._queries = db.require(queries, QUERIES)
         self._token = settings.token.encode()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
@@ -488,7 +491,9 @@ class WebhookServer:
         )
         if action is None:
             return None, None
-        msisdn = reports.normalise_oa(message.oa)
+        msisdn = reports.normalise_oa(
+            message.oa, default_region=self._regions.region_for(message.da)
+        )
         if msisdn is None:
             log.warning("optout_ignored", tid=message.tid, action=action, reason="oa_not_a_number")
             return None, None

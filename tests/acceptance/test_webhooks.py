@@ -493,3 +493,51 @@ async def test_unknown_webhook_paths_are_404_and_logged_without_path_or_token_ra
     assert 4 <= len(found) < 54
     text = repr(logs)
     assert TOKEN not in text and TOKEN[4:] not in text and "/webhooks/" not in text
+
+
+async def test_stop_from_a_national_number_uses_the_services_default_region(
+    dsn: str, conn: asyncpg.Connection, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    # Two services in two regions, told apart by the short code an MO was sent to (`da`);
+    # an MO to neither takes no region (international forms only), as before.
+    config_path = tmp_path / "campaign.toml"
+    config_path.write_text(
+        f'[webhooks]\nlisten = "127.0.0.1:0"\ntoken = "{TOKEN}"\n'
+        "[database]\npool_min = 1\npool_max = 2\n"
+        '[services.uk]\nkey = "k-uk-0123456789"\nsender_id = "56767"\ndefault_region = "GB"\n'
+        '[services.us]\nkey = "k-us-0123456789"\nsender_id = "+1 555 0100"\n'
+        'default_region = "US"\n'
+    )
+    proc, url = await _start_receiver(config_path, dsn)
+    stderr: list[bytes] = []
+    drain = asyncio.create_task(_drain(proc.stderr, stderr))
+    try:
+        mo_url = f"{url}/webhooks/mo/{TOKEN}"
+        for body in (
+            mo("07911 123456", "STOP", tid="n1", da="56767"),
+            mo("(202) 555-0123", "stop", tid="n2", da="15550100"),
+            # International forms still work whatever the region.
+            mo("447700900123", "STOP", tid="n3", da="56767"),
+            # The same national digits sent to an unknown short code: no region to read them in.
+            mo("07911 654321", "STOP", tid="n4", da="99999"),
+        ):
+            assert (await post(http, mo_url, body))[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await proc.wait()
+            await drain
+    rows = await conn.fetch("SELECT msisdn, reason FROM campaign.suppressions ORDER BY msisdn")
+    assert [(r["msisdn"], r["reason"]) for r in rows] == [
+        ("+12025550123", "opt_out"),
+        ("+447700900123", "opt_out"),
+        ("+447911123456", "opt_out"),
+    ]
+    actions = await conn.fetch("SELECT tid, action FROM campaign.incoming_messages ORDER BY tid")
+    assert [(r["tid"], r["action"]) for r in actions] == [
+        ("n1", "opt_out"),
+        ("n2", "opt_out"),
+        ("n3", "opt_out"),
+        ("n4", None),
+    ]
+    assert b'"optout_ignored"' in b"".join(stderr)
