@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,15 +145,66 @@ class Settings:
         """Every secret value in force, for log redaction."""
         values = [self.webhooks.token, self.webhooks.hmac_secret]
         values += [s.key for s in self.services.values()]
-        password = dsn_password(self.database_dsn)
-        if password:
-            values.append(password)
+        values += dsn_passwords(self.database_dsn)
         return [v for v in values if v]
 
 
-def dsn_password(dsn: str) -> str:
-    match = re.match(r"^[a-z]+://[^:/@]*:([^@]*)@", dsn)
-    return match.group(1) if match else ""
+# A DSN carries its password in one of three places: the URI's userinfo
+# (postgresql://user:PASSWORD@host/db), a URI query parameter (?password=PASSWORD, also
+# sslpassword), or a libpq key=value string (host=h password=PASSWORD, maybe 'quoted').
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_QUERY_PASSWORD = re.compile(r"(?:^|&)(?:ssl)?password=([^&#]*)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(
+    r"(?<![\w.-])(?:ssl)?password\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
+)
+MASK = "***"
+
+
+def _password_spans(dsn: str) -> list[tuple[int, int]]:
+    """Where the passwords are in `dsn`, as (start, end) offsets."""
+    scheme = _URI_SCHEME.match(dsn)
+    if scheme is None:
+        return [m.span(1) for m in _KEYWORD_PASSWORD.finditer(dsn) if m.group(1)]
+    start = scheme.end()
+    spans = []
+    # The user name ends at the first ':', '@', '/' or '?'; only a ':' starts a password.
+    # The password runs to the last '@': one holding an unencoded '@', '/', '?' or ':' is
+    # masked whole (masking a host name as well is the safe mistake).
+    user_end = re.compile(r"[:@/?#]|$").search(dsn, start)
+    at = dsn.rfind("@", start)
+    rest = start
+    if user_end is not None and dsn[user_end.start() : user_end.end()] == ":" and at > 0:
+        spans.append((user_end.end(), at))
+        rest = at + 1
+    query = dsn.find("?", rest)
+    if query >= 0:
+        offset = query + 1
+        spans += [
+            (offset + m.start(1), offset + m.end(1))
+            for m in _QUERY_PASSWORD.finditer(dsn[offset:])
+            if m.group(1)
+        ]
+    return [(a, b) for a, b in spans if b > a]
+
+
+def mask_dsn(dsn: str) -> str:
+    """`dsn` with every password replaced by ***, for logs and printed output."""
+    for start, end in sorted(_password_spans(dsn), reverse=True):
+        dsn = dsn[:start] + MASK + dsn[end:]
+    return dsn
+
+
+def dsn_passwords(dsn: str) -> list[str]:
+    """Each password in `dsn` as written and as a client decodes it, for the log redactor."""
+    found: set[str] = set()
+    for start, end in _password_spans(dsn):
+        raw = dsn[start:end]
+        found.add(raw)
+        if raw.startswith("'"):
+            found.add(re.sub(r"\\(.)", r"\1", raw.strip("'")))
+        else:
+            found |= {urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)}
+    return sorted(v for v in found if v)
 
 
 # The webhook token is the last segment of every DR / MO URL (notifyurl included), sent

@@ -183,3 +183,50 @@ def test_url_safe_webhook_tokens_load() -> None:
     for token in ("a" * 64, "Ab-9_x.y~z", "0123456789abcdef"):
         settings = config.parse({"webhooks": {"token": token}})
         assert settings.webhooks.token == token
+
+
+# (DSN, as logged, the passwords a log redactor must know): every way a password is written.
+DSNS = [
+    ("postgresql://app:S3cretPw@db:5432/x", "postgresql://app:***@db:5432/x", ["S3cretPw"]),
+    ("postgresql://app@db/prod", "postgresql://app@db/prod", []),
+    (
+        "postgresql://app@db/prod?password=S3cretPw",
+        "postgresql://app@db/prod?password=***",
+        ["S3cretPw"],
+    ),
+    (
+        "postgres://app@db/prod?sslmode=require&PASSWORD=S3c%26ret+Pw&application_name=w",
+        "postgres://app@db/prod?sslmode=require&PASSWORD=***&application_name=w",
+        ["S3c%26ret+Pw", "S3c&ret+Pw", "S3c&ret Pw"],
+    ),
+    # An unencoded '@' (or '/', '?', ':') in the password: masked up to the last '@'.
+    ("postgresql://app:p@ss:w/o?rd@db/x", "postgresql://app:***@db/x", ["p@ss:w/o?rd"]),
+    ("postgresql://app:S%40cret@db/x", "postgresql://app:***@db/x", ["S%40cret", "S@cret"]),
+    ("postgresql://:OnlyPw@h1:5432,h2:5433/x", "postgresql://:***@h1:5432,h2:5433/x", ["OnlyPw"]),
+    (
+        "postgresql://app:UrlPw@db/x?sslpassword=KeyPw",
+        "postgresql://app:***@db/x?sslpassword=***",
+        ["UrlPw", "KeyPw"],
+    ),
+    (
+        "host=db user=app password=S3cretPw dbname=prod",
+        "host=db user=app password=*** dbname=prod",
+        ["S3cretPw"],
+    ),
+    (
+        "host=db password = 'S3 cr\\'et\\\\Pw' dbname=prod",
+        "host=db password = *** dbname=prod",
+        ["'S3 cr\\'et\\\\Pw'", "S3 cr'et\\Pw"],
+    ),
+    ("", "", []),
+]
+
+
+@pytest.mark.parametrize(("dsn", "masked", "passwords"), DSNS)
+def test_every_form_of_dsn_password_is_masked_and_known_to_the_redactor(
+    dsn: str, masked: str, passwords: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert config.mask_dsn(dsn) == masked
+    assert sorted(config.dsn_passwords(dsn)) == sorted(passwords)
+    monkeypatch.setenv(config.ENV_DSN, dsn)
+    assert set(passwords) <= set(config.Settings().secrets())
