@@ -80,6 +80,8 @@ class WebhookSettings:
     allow_networks: tuple[str, ...] = ()
     group_max: int = 500
     store_timeout_s: float = 8.0
+    read_timeout_s: float = 10.0
+    keepalive_s: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +235,8 @@ _POSITIVE = {
     "parallel",
     "group_max",
     "store_timeout_s",
+    "read_timeout_s",
+    "keepalive_s",
     "stats_interval_s",
     "max_attempts",
     "connect_timeout_s",

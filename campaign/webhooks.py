@@ -7,9 +7,10 @@ with one INSERT, so one durable commit serves many requests. It flushes as soon 
 free, never after a fixed sleep: reports arriving during a commit form the next group.
 
 Status codes (the platform retries a callback it could not deliver, not most 4xx):
-200 committed · 400 unparseable, kept in campaign.webhook_rejects · 403 source network
-or signature refused · 404 unknown path or wrong token · 413 body over max_body_bytes ·
-503 database unavailable, retry later.
+200 committed · 400 unparseable, kept in campaign.webhook_rejects · 403 signature refused ·
+404 unknown path or wrong token · 413 body over max_body_bytes · 503 database unavailable,
+retry later. A peer outside `allow_networks`, or a request slower than `read_timeout_s`,
+is closed without an answer (campaign/netguard.py), so it is sent again later.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any, cast
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from campaign import db, logs, metrics, reports
+from campaign import db, logs, metrics, netguard, reports
 from campaign.config import OptOutSettings, WebhookSettings
 from campaign.netaddr import parse_listen as parse_listen  # re-exported, as before
 from campaign.reports import DeliveryReport, IncomingMessage, ParseError
@@ -268,17 +270,24 @@ class WebhookServer:
         self._regions = regions or reports.OptOutRegions()
         self._queries = db.require(queries, QUERIES)
         self._token = settings.token.encode()
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
         self.stats = WebhookStats()
         # Lines any client can cause (wrong paths, tokens, networks) are rate-limited.
         self._throttle = logs.LogThrottle()
+        self.guard = netguard.ConnectionGuard(
+            networks=[ipaddress.ip_network(n, strict=False) for n in settings.allow_networks],
+            read_timeout_s=settings.read_timeout_s,
+            throttle=self._throttle,
+        )
         self._committer: GroupCommitter | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self.port = 0
         self.url = ""
 
     def create_app(self) -> web.Application:
-        app = web.Application(client_max_size=self._settings.max_body_bytes)
+        app = web.Application(
+            client_max_size=self._settings.max_body_bytes, middlewares=[self._handling]
+        )
         app.cleanup_ctx.append(self._flusher)
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}", self._missing_token)
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}/", self._missing_token)
@@ -298,17 +307,22 @@ class WebhookServer:
             self.create_app(),
             access_log=None,
             shutdown_timeout=self._settings.store_timeout_s + 1.0,
+            keepalive_timeout=self._settings.keepalive_s,
         )
         await runner.setup()
+        assert runner.server is not None
         try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
+            # Listening here rather than through a web.TCPSite puts the guard in front
+            # of aiohttp's protocol: it refuses peers and times out requests it never saw.
+            listener = await asyncio.get_running_loop().create_server(
+                self.guard.wrap(runner.server), host, port
+            )
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        bound = runner.addresses[0]
-        self.port = int(bound[1])
+        self._listener = listener
+        self.port = int(listener.sockets[0].getsockname()[1])
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}"
         log.info("webhooks_started", url=self.url)
@@ -317,9 +331,22 @@ class WebhookServer:
         """Stop accepting, let in-flight requests finish and their reports commit."""
         if self._runner is not None:
             log.info("webhooks_stopping")
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
             await self._runner.cleanup()
             self._runner = None
             log.info("webhooks_stopped")
+
+    @web.middleware
+    async def _handling(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The headers are in: the guard's clock stops, the handler bounds the body.
+        transport = request.transport
+        self.guard.request_started(transport)
+        try:
+            return await handler(request)
+        finally:
+            self.guard.request_finished(transport)
 
     async def _flusher(self, app: web.Application) -> AsyncIterator[None]:
         committer = GroupCommitter(
@@ -373,15 +400,6 @@ class WebhookServer:
         if dropped is not None:
             log.warning(event, suppressed=dropped, **fields)
 
-    def _allowed_source(self, request: web.Request) -> bool:
-        if not self._networks:
-            return True
-        try:
-            address = ipaddress.ip_address(request.remote or "")
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
-
     def _signed(self, request: web.Request, body: bytes) -> bool:
         if not self._settings.hmac_secret:
             return True
@@ -395,16 +413,19 @@ class WebhookServer:
 
     async def _webhook(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
-        if not self._allowed_source(request):
-            self.stats.unauthorized += 1
-            self._client_warning(
-                "webhook_forbidden", kind=kind, reason="network", remote=request.remote
-            )
-            return web.Response(status=403, text="forbidden")
         if not hmac.compare_digest(request.match_info["token"].encode(), self._token):
             return self._unauthorized(request, "token_mismatch")
         try:
-            body = await request.read()
+            async with asyncio.timeout(self._settings.read_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            self._client_warning(
+                "webhook_read_timed_out", phase="body", kind=kind, remote=request.remote
+            )
+            # Closed without an answer, like a slow header: the platform sends it again
+            # later, which it would not after a 408.
+            request.protocol.force_close()
+            return web.Response(status=408, text="request timeout")
         except web.HTTPRequestEntityTooLarge:
             log.warning(
                 "webhook_too_large",

@@ -21,7 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from campaign import db, metrics
-from tests.helpers.webhooks import TOKEN, dr, mo, running_server
+from tests.helpers.webhooks import TOKEN, dr, mo, raw_exchange, running_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -303,7 +303,9 @@ async def test_signature_and_source_network_when_configured(
         assert (await post(http, url, payload, headers=bad))[0] == 403
         assert (await post(http, url, payload, headers={"X-Hub-Signature": signature}))[0] == 200
     async with running_server(pool, allow_networks=("10.0.0.0/8",)) as server:
-        assert (await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("other")))[0] == 403
+        # Refused when the connection is made, before any request is read.
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("other"))
     async with running_server(pool, allow_networks=("127.0.0.0/8",)) as server:
         assert (await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("local")))[0] == 200
     transids = await conn.fetch("SELECT transid FROM campaign.delivery_reports ORDER BY 1")
@@ -541,3 +543,80 @@ async def test_stop_from_a_national_number_uses_the_services_default_region(
         ("n4", None),
     ]
     assert b'"optout_ignored"' in b"".join(stderr)
+
+
+# Short limits so the tests are quick; each test asserts that the connection was closed,
+# with a safety timeout far above the limit, never how fast. The limit not under test is
+# far above the safety timeout, so only the one under test can have closed it.
+SAFETY_S = 30.0
+
+
+def _head(length: int) -> bytes:
+    return (
+        f"POST /webhooks/dr/{TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def test_slow_clients_half_sent_headers_or_body_are_closed(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    body = orjson.dumps(dr("slow-1"))
+    with capture_logs() as logs:
+        async with running_server(pool, read_timeout_s=1.0, keepalive_s=300.0) as server:
+            answers = await asyncio.gather(
+                *(
+                    raw_exchange(server.url, _head(len(body))[:40], timeout_s=SAFETY_S)
+                    for _ in range(5)
+                ),
+                # A header trickled a byte at a time: every byte arrives in time, the
+                # whole request never does.
+                raw_exchange(
+                    server.url,
+                    [_head(len(body))[:-2], *(b"X" for _ in range(10_000))],
+                    pause_s=0.05,
+                    timeout_s=SAFETY_S,
+                ),
+                raw_exchange(server.url, _head(len(body)) + body[:10], timeout_s=SAFETY_S),
+                # Connected, and nothing sent at all.
+                raw_exchange(server.url, b"", timeout_s=SAFETY_S),
+            )
+    # Closed without an answer: the platform retries a delivery that failed, not a 4xx.
+    assert answers == [b""] * 8
+    assert await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports") == 0
+    timed_out = [e for e in logs if e["event"] == "webhook_read_timed_out"]
+    assert {e["phase"] for e in timed_out} == {"headers", "body"}
+    assert all(e["remote"] == "127.0.0.1" for e in timed_out)
+
+
+async def test_an_idle_kept_alive_connection_is_closed(pool: asyncpg.Pool) -> None:
+    body = orjson.dumps(dr("idle-1"))
+    async with running_server(pool, read_timeout_s=300.0, keepalive_s=1.0) as server:
+        answers = await asyncio.gather(
+            # Silent after one request; silent after one request and half of the next.
+            raw_exchange(server.url, _head(len(body)) + body, timeout_s=SAFETY_S),
+            raw_exchange(server.url, _head(len(body)) + body + _head(9)[:30], timeout_s=SAFETY_S),
+        )
+    assert [a.count(b"HTTP/1.1 200 OK") for a in answers] == [1, 1]
+
+
+async def test_a_peer_outside_allow_networks_is_closed_before_any_request(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    with capture_logs() as logs:
+        async with running_server(pool, allow_networks=("10.0.0.0/8",)) as server:
+            # Fifty half-sent requests and one that sends nothing: all closed, none answered.
+            half_sent = [
+                raw_exchange(server.url, _head(100)[:30], timeout_s=SAFETY_S) for _ in range(50)
+            ]
+            silent = raw_exchange(server.url, b"", timeout_s=SAFETY_S)
+            answers = await asyncio.gather(*half_sent, silent)
+            # Health and metrics too: the listener refuses the peer, not a route.
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("refused"))
+    assert answers == [b""] * 51
+    refused = [e for e in logs if e["event"] == "webhook_connection_refused"]
+    assert refused and all(e["remote"] == "127.0.0.1" for e in refused)
+    # Rate-limited: a scanner cannot write a line per connection.
+    assert len(refused) < 52
+    assert await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports") == 0
