@@ -44,9 +44,10 @@ class ConnectionGuard:
         throttle: LogThrottle,
     ) -> None:
         self._networks = tuple(networks)
-        self._read_timeout_s = read_timeout_s
+        self.read_timeout_s = read_timeout_s
         self._throttle = throttle
-        self._open: dict[asyncio.BaseTransport, _Guarded] = {}
+        # The connections let in, by transport (what a request handler knows).
+        self.open: dict[asyncio.BaseTransport, _Guarded] = {}
         self.refused = 0
         self.timed_out = 0
 
@@ -67,16 +68,17 @@ class ConnectionGuard:
 
     def request_started(self, transport: asyncio.BaseTransport | None) -> None:
         """The request's headers are in and its handler runs: the handler bounds the rest."""
-        guarded = self._open.get(transport) if transport is not None else None
+        guarded = self.open.get(transport) if transport is not None else None
         if guarded is not None:
             guarded.handling(True)
 
     def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
-        guarded = self._open.get(transport) if transport is not None else None
+        guarded = self.open.get(transport) if transport is not None else None
         if guarded is not None:
             guarded.handling(False)
 
-    def _warn(self, event: str, **fields: object) -> None:
+    def warn(self, event: str, **fields: object) -> None:
+        """A line a client can cause: rate-limited."""
         dropped = self._throttle.allow(event)
         if dropped is not None:
             log.warning(event, suppressed=dropped, **fields)
@@ -101,12 +103,12 @@ class _Guarded(asyncio.Protocol):
         self._remote = str(peer[0]) if peer else None
         if not self._guard.allows(self._remote):
             self._guard.refused += 1
-            self._guard._warn("webhook_connection_refused", remote=self._remote)
+            self._guard.warn("webhook_connection_refused", remote=self._remote)
             # Nothing was read and nothing is answered.
             transport.abort()
             return
         self._transport = transport
-        self._guard._open[transport] = self
+        self._guard.open[transport] = self
         self._start_clock()
         self._inner = self._factory()
         self._inner.connection_made(transport)
@@ -125,7 +127,7 @@ class _Guarded(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
         if self._transport is not None:
-            self._guard._open.pop(self._transport, None)
+            self._guard.open.pop(self._transport, None)
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
@@ -145,7 +147,7 @@ class _Guarded(asyncio.Protocol):
     def _start_clock(self) -> None:
         self._stop_clock()
         loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self._guard._read_timeout_s, self._expired)
+        self._deadline = loop.call_later(self._guard.read_timeout_s, self._expired)
 
     def _stop_clock(self) -> None:
         if self._deadline is not None:
@@ -157,5 +159,5 @@ class _Guarded(asyncio.Protocol):
         if self._transport is None or self._handling:
             return
         self._guard.timed_out += 1
-        self._guard._warn("webhook_read_timed_out", phase="headers", remote=self._remote)
+        self._guard.warn("webhook_read_timed_out", phase="headers", remote=self._remote)
         self._transport.abort()

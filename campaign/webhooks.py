@@ -271,12 +271,11 @@ class WebhookServer:
         self._queries = db.require(queries, QUERIES)
         self._token = settings.token.encode()
         self.stats = WebhookStats()
-        # Lines any client can cause (wrong paths, tokens, networks) are rate-limited.
-        self._throttle = logs.LogThrottle()
+        # It also writes, rate-limited, every line a client can cause (wrong paths, tokens).
         self.guard = netguard.ConnectionGuard(
             networks=[ipaddress.ip_network(n, strict=False) for n in settings.allow_networks],
             read_timeout_s=settings.read_timeout_s,
-            throttle=self._throttle,
+            throttle=logs.LogThrottle(),
         )
         self._committer: GroupCommitter | None = None
         self._runner: web.AppRunner | None = None
@@ -375,7 +374,7 @@ class WebhookServer:
     def _unauthorized(self, request: web.Request, reason: str) -> web.Response:
         self.stats.unauthorized += 1
         # Never the path: it holds the token that was tried.
-        self._client_warning(
+        self.guard.warn(
             "webhook_unauthorized",
             kind=request.match_info.get("kind"),
             reason=reason,
@@ -387,18 +386,13 @@ class WebhookServer:
         self.stats.not_found += 1
         first = request.match_info["rest"].split("/", 1)[0]
         # Never the path: it may hold a token, whole or in pieces.
-        self._client_warning(
+        self.guard.warn(
             "webhook_not_found",
             kind=first if first in KINDS else None,
             method=request.method,
             remote=request.remote,
         )
         return web.Response(status=404, text="not found")
-
-    def _client_warning(self, event: str, **fields: Any) -> None:
-        dropped = self._throttle.allow(event)
-        if dropped is not None:
-            log.warning(event, suppressed=dropped, **fields)
 
     def _signed(self, request: web.Request, body: bytes) -> bool:
         if not self._settings.hmac_secret:
@@ -419,7 +413,7 @@ class WebhookServer:
             async with asyncio.timeout(self._settings.read_timeout_s):
                 body = await request.read()
         except TimeoutError:
-            self._client_warning(
+            self.guard.warn(
                 "webhook_read_timed_out", phase="body", kind=kind, remote=request.remote
             )
             # Closed without an answer, like a slow header: the platform sends it again
@@ -437,7 +431,7 @@ class WebhookServer:
             return web.Response(status=413, text="body too large")
         if not self._signed(request, body):
             self.stats.unauthorized += 1
-            self._client_warning(
+            self.guard.warn(
                 "webhook_forbidden", kind=kind, reason="signature", remote=request.remote
             )
             return web.Response(status=403, text="forbidden")
