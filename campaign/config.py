@@ -81,7 +81,7 @@ class WebhookSettings:
     group_max: int = 500
     store_timeout_s: float = 8.0
     read_timeout_s: float = 10.0
-    keepalive_s: float = 15.0
+    keepalive_s: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
