@@ -155,6 +155,7 @@ class Settings:
 # (postgresql://user:PASSWORD@host/db), a URI query parameter (?password=PASSWORD, also
 # sslpassword), or a libpq key=value string (host=h password=PASSWORD, maybe 'quoted').
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_USER_END = re.compile(r"[:@/?#]|$")
 _QUERY_PASSWORD = re.compile(r"(?:^|&)(?:ssl)?password=([^&#]*)", re.IGNORECASE)
 _KEYWORD_PASSWORD = re.compile(
     r"(?<![\w.-])(?:ssl)?password\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
@@ -172,10 +173,10 @@ def _password_spans(dsn: str) -> list[tuple[int, int]]:
     # The user name ends at the first ':', '@', '/' or '?'; only a ':' starts a password.
     # The password runs to the last '@': one holding an unencoded '@', '/', '?' or ':' is
     # masked whole (masking a host name as well is the safe mistake).
-    user_end = re.compile(r"[:@/?#]|$").search(dsn, start)
+    user_end = _USER_END.search(dsn, start)
     at = dsn.rfind("@", start)
     rest = start
-    if user_end is not None and dsn[user_end.start() : user_end.end()] == ":" and at > 0:
+    if user_end is not None and user_end.group() == ":" and at > user_end.start():
         spans.append((user_end.end(), at))
         rest = at + 1
     query = dsn.find("?", rest)
