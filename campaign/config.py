@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,8 @@ class WebhookSettings:
     allow_networks: tuple[str, ...] = ()
     group_max: int = 500
     store_timeout_s: float = 8.0
+    read_timeout_s: float = 10.0
+    keepalive_s: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +147,78 @@ class Settings:
         """Every secret value in force, for log redaction."""
         values = [self.webhooks.token, self.webhooks.hmac_secret]
         values += [s.key for s in self.services.values()]
-        password = dsn_password(self.database_dsn)
-        if password:
-            values.append(password)
+        values += dsn_passwords(self.database_dsn)
         return [v for v in values if v]
 
 
-def dsn_password(dsn: str) -> str:
-    match = re.match(r"^[a-z]+://[^:/@]*:([^@]*)@", dsn)
-    return match.group(1) if match else ""
+# A DSN carries its password in one of three places: the URI's userinfo
+# (postgresql://user:PASSWORD@host/db), a URI query parameter (?password=PASSWORD, also
+# sslpassword), or a libpq key=value string (host=h password=PASSWORD, maybe 'quoted').
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_USER_END = re.compile(r"[:@/?#]|$")
+_QUERY_PASSWORD = re.compile(r"(?:^|&)(?:ssl)?password=([^&#]*)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(
+    r"(?<![\w.-])(?:ssl)?password\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
+)
+MASK = "***"
 
+
+def _password_spans(dsn: str) -> list[tuple[int, int]]:
+    """Where the passwords are in `dsn`, as (start, end) offsets."""
+    scheme = _URI_SCHEME.match(dsn)
+    if scheme is None:
+        return [m.span(1) for m in _KEYWORD_PASSWORD.finditer(dsn) if m.group(1)]
+    start = scheme.end()
+    spans = []
+    # The user name ends at the first ':', '@', '/' or '?'; only a ':' starts a password.
+    # The password runs to the last '@': one holding an unencoded '@', '/', '?' or ':' is
+    # masked whole (masking a host name as well is the safe mistake).
+    user_end = _USER_END.search(dsn, start)
+    at = dsn.rfind("@", start)
+    rest = start
+    if user_end is not None and user_end.group() == ":" and at > user_end.start():
+        spans.append((user_end.end(), at))
+        rest = at + 1
+    query = dsn.find("?", rest)
+    if query >= 0:
+        offset = query + 1
+        spans += [
+            (offset + m.start(1), offset + m.end(1))
+            for m in _QUERY_PASSWORD.finditer(dsn[offset:])
+            if m.group(1)
+        ]
+    return [(a, b) for a, b in spans if b > a]
+
+
+def mask_dsn(dsn: str) -> str:
+    """`dsn` with every password replaced by ***, for logs and printed output."""
+    for start, end in sorted(_password_spans(dsn), reverse=True):
+        dsn = dsn[:start] + MASK + dsn[end:]
+    return dsn
+
+
+def dsn_passwords(dsn: str) -> list[str]:
+    """Each password in `dsn` as written and as a client decodes it, for the log redactor."""
+    found: set[str] = set()
+    for start, end in _password_spans(dsn):
+        raw = dsn[start:end]
+        found.add(raw)
+        if raw.startswith("'"):
+            found.add(re.sub(r"\\(.)", r"\1", raw.strip("'")))
+        else:
+            found |= {urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)}
+    return sorted(v for v in found if v)
+
+
+# The webhook token is the last segment of every DR / MO URL (notifyurl included), sent
+# and routed unencoded: a '/', '?', '#' or '%' in it turns every report into a 404 that the
+# platform does not retry. RFC 3986's unreserved characters need no encoding anywhere.
+_URL_SAFE_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
+_URL_SAFE_HINT = (
+    "may hold only letters, digits and - _ . ~ (it is a URL path segment; a base64 token "
+    "often holds '/' or '+'): make one with `openssl rand -hex 32` or "
+    "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+)
 
 # Positive numbers where 0 would stall or divide; checked after types.
 _POSITIVE = {
@@ -171,6 +236,8 @@ _POSITIVE = {
     "parallel",
     "group_max",
     "store_timeout_s",
+    "read_timeout_s",
+    "keepalive_s",
     "stats_interval_s",
     "max_attempts",
     "connect_timeout_s",
@@ -252,6 +319,9 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
             raise ConfigError(f"{source}: {where} {name}: must be greater than 0")
     if cls is ServiceSettings and not 1 <= kwargs.get("batch_size", 1000) <= 1000:
         raise ConfigError(f"{source}: {where} batch_size: must be between 1 and 1000")
+    token = kwargs.get("token")
+    if cls is WebhookSettings and token and not _URL_SAFE_TOKEN.fullmatch(token):
+        raise ConfigError(f"{source}: {where} token: {_URL_SAFE_HINT}")
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
     for key, value in kwargs.items():

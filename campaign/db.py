@@ -24,6 +24,8 @@ import asyncpg
 import orjson
 import structlog
 
+from campaign import config
+
 if TYPE_CHECKING:
     from campaign.config import Settings
 
@@ -387,5 +389,5 @@ async def database(settings: Settings) -> AsyncIterator[str]:
 
 
 def describe_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and status output."""
-    return re.sub(r"^([a-z]+://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+    """The DSN without its password (in any of the places one is written), for output."""
+    return config.mask_dsn(dsn)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, MutableMapping
+import time
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -44,6 +45,41 @@ class Redactor:
         for key, value in event.items():
             event[key] = self._mask(value)
         return event
+
+
+class LogThrottle:
+    """At most `burst` lines per event name per `interval_s`, for lines a client can cause.
+
+    A scanner posting to wrong paths must not be able to flood the log: `allow(event)` says
+    None (drop this line) once the window's burst is spent, else how many lines were dropped
+    before this one, to be logged as `suppressed` so the count is never lost.
+    """
+
+    def __init__(
+        self,
+        *,
+        burst: int = 10,
+        interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = burst
+        self._interval_s = interval_s
+        self._clock = clock
+        # event -> [window start, lines written in it, lines dropped since the last written]
+        self._windows: dict[str, list[float]] = {}
+
+    def allow(self, event: str) -> int | None:
+        now = self._clock()
+        window = self._windows.setdefault(event, [now, 0, 0])
+        if now - window[0] >= self._interval_s:
+            window[0], window[1] = now, 0
+        if window[1] >= self._burst:
+            window[2] += 1
+            return None
+        dropped = int(window[2])
+        window[1] += 1
+        window[2] = 0
+        return dropped
 
 
 _SHARED: list[Any] = [

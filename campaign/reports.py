@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 import orjson
 
 from campaign import sms
+from campaign.config import ServiceSettings
 from campaign.statuses import RecipientStatus
 
 _Item = TypeVar("_Item")
@@ -37,6 +38,9 @@ OptOutAction = Literal["opt_out", "opt_in"]
 # Text columns cannot hold NUL; a body carrying one would fail the whole group's INSERT.
 _NUL = "\x00"
 _MAX_INT4 = 2**31 - 1
+# orjson, which writes the raw jsonb column, refuses deeper nesting ("Recursion limit
+# reached"); the top level counts as one.
+MAX_DEPTH = 254
 _E164_DIGITS = re.compile(r"^\+?([1-9][0-9]{6,14})$")
 # Epoch numbers above this are milliseconds (1e11 seconds is the year 5138).
 _EPOCH_MS_THRESHOLD = 100_000_000_000
@@ -139,16 +143,46 @@ def optout_action(
     return None
 
 
-def normalise_oa(oa: str) -> str | None:
+@dataclass(frozen=True, slots=True)
+class OptOutRegions:
+    """The region whose national numbers an MO's `oa` may be written in.
+
+    The producer reads a service's recipients with its `default_region`; an opt-out must
+    read the number the same way or it suppresses a number no recipient has. An MO names
+    the short code it was sent to (`da`): the service whose `sender_id` that is gives the
+    region; failing that, the one region every service that sets one agrees on; else none.
+    """
+
+    by_da: Mapping[str, str] = field(default_factory=dict)
+    fallback: str = ""
+
+    @classmethod
+    def from_services(cls, services: Iterable[ServiceSettings]) -> OptOutRegions:
+        with_region = [s for s in services if s.default_region]
+        by_da = {_short_code(s.sender_id): s.default_region for s in with_region if s.sender_id}
+        regions = {s.default_region.upper() for s in with_region}
+        return cls(by_da=by_da, fallback=regions.pop() if len(regions) == 1 else "")
+
+    def region_for(self, da: str | None) -> str:
+        return self.by_da.get(_short_code(da or ""), self.fallback)
+
+
+def _short_code(value: str) -> str:
+    """'+1 555 0100', '15550100' and '15550100 ' name one number; a sender name any case."""
+    return "".join(value.split()).lstrip("+").casefold()
+
+
+def normalise_oa(oa: str, *, default_region: str = "") -> str | None:
     """The sender of an MO as E.164 with '+', the form campaign.suppressions holds.
 
-    Uses the sending pipeline's normaliser so a suppression matches the recipients'
-    msisdn_e164; a number it refuses (phonenumbers' metadata may lag new ranges) is still
-    kept as '+digits' when it looks like E.164, because losing an opt-out is the worse error.
-    None when `oa` is not a phone number at all (a short code or an alphanumeric sender).
+    Uses the sending pipeline's normaliser, with the region the producer uses for the
+    service, so a suppression matches the recipients' msisdn_e164; a number it refuses
+    (phonenumbers' metadata may lag new ranges) is still kept as '+digits' when it looks
+    like E.164, because losing an opt-out is the worse error. None when `oa` is not a phone
+    number at all (a short code, an alphanumeric sender, a national number and no region).
     """
     try:
-        return sms.normalise_msisdn(oa)
+        return sms.normalise_msisdn(oa, default_region=default_region)
     except ValueError:
         pass
     match = _E164_DIGITS.match(oa.strip().replace(" ", ""))
@@ -168,6 +202,12 @@ def _items(body: bytes) -> list[Mapping[str, Any]]:
     # escape needs no walk through every string.
     if b"\\u0000" in body and _has_nul(data):
         raise ParseError("a string holds a NUL character")
+    # Nesting cannot exceed the number of brackets: most bodies need no check at all.
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH:
+        try:
+            orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            raise ParseError(f"nested deeper than {MAX_DEPTH} levels: cannot be stored") from None
     return items
 
 
@@ -281,13 +321,22 @@ def _timestamp(value: Any, name: str) -> datetime | None:
     raise ParseError(f"{name}: expected a timestamp, got {_kind(value)}")
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return _NUL in value
-    if isinstance(value, dict):
-        return any(_NUL in k or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
+def _has_nul(data: Any) -> bool:
+    # A loop, not recursion: orjson parses ~1000 levels, deeper than Python's stack allows
+    # a recursive walk (a RecursionError here was a 500 and a body never kept).
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _NUL in value:
+                return True
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _NUL in key:
+                    return True
+                stack.append(item)
+        elif isinstance(value, list):
+            stack.extend(value)
     return False
 
 

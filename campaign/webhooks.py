@@ -7,9 +7,10 @@ with one INSERT, so one durable commit serves many requests. It flushes as soon 
 free, never after a fixed sleep: reports arriving during a commit form the next group.
 
 Status codes (the platform retries a callback it could not deliver, not most 4xx):
-200 committed · 400 unparseable, kept in campaign.webhook_rejects · 403 source network
-or signature refused · 404 unknown path or wrong token · 413 body over max_body_bytes ·
-503 database unavailable, retry later.
+200 committed · 400 unparseable, kept in campaign.webhook_rejects · 403 signature refused ·
+404 unknown path or wrong token · 413 body over max_body_bytes · 503 database unavailable,
+retry later. A peer outside `allow_networks`, or a request slower than `read_timeout_s`,
+is closed without an answer (campaign/netguard.py), so it is sent again later.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any, cast
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from campaign import db, metrics, reports
+from campaign import db, logs, metrics, netguard, reports
 from campaign.config import OptOutSettings, WebhookSettings
 from campaign.netaddr import parse_listen as parse_listen  # re-exported, as before
 from campaign.reports import DeliveryReport, IncomingMessage, ParseError
@@ -88,6 +90,7 @@ class WebhookStats:
     groups_committed: int = 0
     rejected: int = 0
     unauthorized: int = 0
+    not_found: int = 0
     unavailable: int = 0
 
 
@@ -258,25 +261,39 @@ class WebhookServer:
         settings: WebhookSettings,
         optout: OptOutSettings,
         queries: Mapping[str, str],
+        regions: reports.OptOutRegions | None = None,
     ) -> None:
         self._pool = pool
         self._settings = settings
         self._optout = optout
+        # None: no region, so a national-format number cannot opt out.
+        self._regions = regions or reports.OptOutRegions()
         self._queries = db.require(queries, QUERIES)
         self._token = settings.token.encode()
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
         self.stats = WebhookStats()
+        # It also writes, rate-limited, every line a client can cause (wrong paths, tokens).
+        self.guard = netguard.ConnectionGuard(
+            networks=[ipaddress.ip_network(n, strict=False) for n in settings.allow_networks],
+            read_timeout_s=settings.read_timeout_s,
+            throttle=logs.LogThrottle(),
+        )
         self._committer: GroupCommitter | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self.port = 0
         self.url = ""
 
     def create_app(self) -> web.Application:
-        app = web.Application(client_max_size=self._settings.max_body_bytes)
+        app = web.Application(
+            client_max_size=self._settings.max_body_bytes, middlewares=[self._handling]
+        )
         app.cleanup_ctx.append(self._flusher)
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}", self._missing_token)
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}/", self._missing_token)
         app.router.add_post(WEBHOOK_PREFIX + "/{kind:dr|mo}/{token}", self._webhook)
+        # Anything else under the prefix (a token holding '/' gives such a path): a 404 that
+        # is logged, since the access log is off and the platform does not retry it.
+        app.router.add_route("*", WEBHOOK_PREFIX + "/{rest:.*}", self._not_found)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         return app
@@ -289,17 +306,22 @@ class WebhookServer:
             self.create_app(),
             access_log=None,
             shutdown_timeout=self._settings.store_timeout_s + 1.0,
+            keepalive_timeout=self._settings.keepalive_s,
         )
         await runner.setup()
+        assert runner.server is not None
         try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
+            # Listening here rather than through a web.TCPSite puts the guard in front
+            # of aiohttp's protocol: it refuses peers and times out requests it never saw.
+            listener = await asyncio.get_running_loop().create_server(
+                self.guard.wrap(runner.server), host, port
+            )
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        bound = runner.addresses[0]
-        self.port = int(bound[1])
+        self._listener = listener
+        self.port = int(listener.sockets[0].getsockname()[1])
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}"
         log.info("webhooks_started", url=self.url)
@@ -308,9 +330,22 @@ class WebhookServer:
         """Stop accepting, let in-flight requests finish and their reports commit."""
         if self._runner is not None:
             log.info("webhooks_stopping")
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
             await self._runner.cleanup()
             self._runner = None
             log.info("webhooks_stopped")
+
+    @web.middleware
+    async def _handling(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The headers are in: the guard's clock stops, the handler bounds the body.
+        transport = request.transport
+        self.guard.request_started(transport)
+        try:
+            return await handler(request)
+        finally:
+            self.guard.request_finished(transport)
 
     async def _flusher(self, app: web.Application) -> AsyncIterator[None]:
         committer = GroupCommitter(
@@ -339,7 +374,7 @@ class WebhookServer:
     def _unauthorized(self, request: web.Request, reason: str) -> web.Response:
         self.stats.unauthorized += 1
         # Never the path: it holds the token that was tried.
-        log.warning(
+        self.guard.warn(
             "webhook_unauthorized",
             kind=request.match_info.get("kind"),
             reason=reason,
@@ -347,32 +382,44 @@ class WebhookServer:
         )
         return web.Response(status=404, text="not found")
 
-    def _allowed_source(self, request: web.Request) -> bool:
-        if not self._networks:
-            return True
-        try:
-            address = ipaddress.ip_address(request.remote or "")
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
+    async def _not_found(self, request: web.Request) -> web.Response:
+        self.stats.not_found += 1
+        first = request.match_info["rest"].split("/", 1)[0]
+        # Never the path: it may hold a token, whole or in pieces.
+        self.guard.warn(
+            "webhook_not_found",
+            kind=first if first in KINDS else None,
+            method=request.method,
+            remote=request.remote,
+        )
+        return web.Response(status=404, text="not found")
 
     def _signed(self, request: web.Request, body: bytes) -> bool:
         if not self._settings.hmac_secret:
             return True
-        header = request.headers.get(SIGNATURE_HEADER, "")
+        try:
+            # aiohttp hands over undecodable header bytes as surrogates; a signature is ASCII.
+            given = request.headers.get(SIGNATURE_HEADER, "").encode("ascii")
+        except UnicodeEncodeError:
+            return False
         expected = hmac.new(self._settings.hmac_secret.encode(), body, hashlib.sha256)
-        return hmac.compare_digest(header.encode(), f"sha256={expected.hexdigest()}".encode())
+        return hmac.compare_digest(given, f"sha256={expected.hexdigest()}".encode())
 
     async def _webhook(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
-        if not self._allowed_source(request):
-            self.stats.unauthorized += 1
-            log.warning("webhook_forbidden", kind=kind, reason="network", remote=request.remote)
-            return web.Response(status=403, text="forbidden")
         if not hmac.compare_digest(request.match_info["token"].encode(), self._token):
             return self._unauthorized(request, "token_mismatch")
         try:
-            body = await request.read()
+            async with asyncio.timeout(self._settings.read_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            self.guard.warn(
+                "webhook_read_timed_out", phase="body", kind=kind, remote=request.remote
+            )
+            # Closed without an answer, like a slow header: the platform sends it again
+            # later, which it would not after a 408.
+            request.protocol.force_close()
+            return web.Response(status=408, text="request timeout")
         except web.HTTPRequestEntityTooLarge:
             log.warning(
                 "webhook_too_large",
@@ -384,7 +431,9 @@ class WebhookServer:
             return web.Response(status=413, text="body too large")
         if not self._signed(request, body):
             self.stats.unauthorized += 1
-            log.warning("webhook_forbidden", kind=kind, reason="signature", remote=request.remote)
+            self.guard.warn(
+                "webhook_forbidden", kind=kind, reason="signature", remote=request.remote
+            )
             return web.Response(status=403, text="forbidden")
         try:
             if kind == "dr":
@@ -457,7 +506,9 @@ class WebhookServer:
         )
         if action is None:
             return None, None
-        msisdn = reports.normalise_oa(message.oa)
+        msisdn = reports.normalise_oa(
+            message.oa, default_region=self._regions.region_for(message.da)
+        )
         if msisdn is None:
             log.warning("optout_ignored", tid=message.tid, action=action, reason="oa_not_a_number")
             return None, None

@@ -28,6 +28,7 @@ from campaign.fleet import Fleet
 from campaign.producer import Producer
 from campaign.reconciler import Reconciler
 from campaign.recovery import Recovery
+from campaign.reports import OptOutRegions
 from campaign.sender import Sender, create_session, sessions_needed
 from campaign.webhooks import WebhookServer, notify_url
 
@@ -126,7 +127,11 @@ class Worker:
         )
         if self._roles.webhooks:
             self.webhooks = WebhookServer(
-                pool=pool, settings=settings.webhooks, optout=settings.optout, queries=queries
+                pool=pool,
+                settings=settings.webhooks,
+                optout=settings.optout,
+                queries=queries,
+                regions=OptOutRegions.from_services(settings.services.values()),
             )
             await self.webhooks.start()
         try:

@@ -4,6 +4,9 @@ Deletes, by age and per the `[retention]` settings, finished campaigns with thei
 and batches, matched and orphaned delivery reports, finished batches, incoming messages,
 webhook rejects and long-dead workers. Every statement deletes at most `batch_size` rows
 in its own transaction and skips locked rows, so it runs safely next to the workers.
+A campaign's every chunk checks again that it is still finished and old enough (and
+deletes only final recipients and finished batches), so a reopen or a claim that comes
+after the listing wins.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from campaign import config, db
+from campaign import config, db, statuses
 
 log = structlog.get_logger(__name__)
 
@@ -89,9 +92,11 @@ class Pruner:
             ]
             self.statements += 1
             for campaign_id in ids:
-                recipients += await self._chunks("prune_campaign_recipients", campaign_id)
-                batches += await self._chunks("prune_campaign_batches", campaign_id)
-                gone = await self._execute("prune_campaign", campaign_id)
+                recipients += await self._chunks(
+                    "prune_campaign_recipients", campaign_id, days, list(statuses.FINAL)
+                )
+                batches += await self._chunks("prune_campaign_batches", campaign_id, days)
+                gone = await self._execute("prune_campaign", campaign_id, days)
                 campaigns += gone
                 if gone:
                     log.info("campaign_pruned", campaign_id=campaign_id)
@@ -99,11 +104,12 @@ class Pruner:
                 return campaigns, recipients, batches
             last_id = ids[-1]
 
-    async def _chunks(self, query: str, arg: int) -> int:
-        """Run a bounded delete until it deletes less than a full chunk."""
+    async def _chunks(self, query: str, *args: object) -> int:
+        """Run a bounded delete (its limit the last parameter) until it deletes less than a
+        full chunk."""
         total = 0
         while True:
-            count = await self._execute(query, arg, self._settings.batch_size)
+            count = await self._execute(query, *args, self._settings.batch_size)
             total += count
             if count < self._settings.batch_size:
                 return total

@@ -19,34 +19,63 @@ SELECT c.id
  LIMIT $2;
 
 -- name: prune_campaign_recipients
--- Delete up to $2 recipients of campaign $1 (one prune_finished_campaigns returned).
--- $1 campaign id, $2 limit
+-- Delete up to $4 final recipients of campaign $1 (one prune_finished_campaigns returned),
+-- while it is still completed or cancelled and finished more than $2 days ago: every chunk
+-- checks again, because the listing is old news by the time its rows are deleted. The
+-- check share-locks the campaign row, so a concurrent reopen (recipients_reopen sets it
+-- running) is ordered with the chunk: committed first, the locking read sees the campaign
+-- running and nothing is deleted; started later, it waits for this chunk's commit and the
+-- next chunk stops. A row claimed meanwhile is no longer final (or is locked): kept.
+-- $1 campaign id, $2 days, $3 final statuses (statuses.FINAL), $4 limit
+WITH finished AS (
+    SELECT c.id
+      FROM campaign.campaigns c
+     WHERE c.id = $1
+       AND c.status IN ('completed', 'cancelled')
+       AND coalesce(c.completed_at, c.updated_at) < now() - make_interval(days => $2)
+       FOR SHARE
+)
 DELETE FROM campaign.recipients r
  WHERE r.id IN (
        SELECT x.id
          FROM campaign.recipients x
-        WHERE x.campaign_id = $1
-        LIMIT $2
-          FOR UPDATE SKIP LOCKED);
+         JOIN finished f ON f.id = x.campaign_id
+        WHERE x.status = ANY($3::text[])
+        LIMIT $4
+          FOR UPDATE OF x SKIP LOCKED);
 
 -- name: prune_campaign_batches
--- Delete up to $2 batches of campaign $1, through batches_campaign_idx.
--- $1 campaign id, $2 limit
+-- Delete up to $3 finished batches of campaign $1, through batches_campaign_idx, with the
+-- same check and lock on the campaign as prune_campaign_recipients (a reopened campaign's
+-- new batches are claimed and leased: never deleted).
+-- $1 campaign id, $2 days, $3 limit
+WITH finished AS (
+    SELECT c.id
+      FROM campaign.campaigns c
+     WHERE c.id = $1
+       AND c.status IN ('completed', 'cancelled')
+       AND coalesce(c.completed_at, c.updated_at) < now() - make_interval(days => $2)
+       FOR SHARE
+)
 DELETE FROM campaign.batches b
  WHERE b.id IN (
        SELECT x.id
          FROM campaign.batches x
-        WHERE x.campaign_id = $1
-        LIMIT $2
-          FOR UPDATE SKIP LOCKED);
+         JOIN finished f ON f.id = x.campaign_id
+        WHERE x.status NOT IN ('claimed', 'posting')
+        LIMIT $3
+          FOR UPDATE OF x SKIP LOCKED);
 
 -- name: prune_campaign
--- Delete campaign $1 once its recipients and batches are gone; the checks make sure the
--- cascade has nothing left to do (a large cascade would be one long transaction).
--- $1 campaign id
+-- Delete campaign $1 once its recipients and batches are gone, if it is still finished
+-- more than $2 days ago; the checks make sure the cascade has nothing left to do (a large
+-- cascade would be one long transaction). Deleting locks the row: a reopen committed
+-- meanwhile is seen (the row is checked again) and keeps the campaign.
+-- $1 campaign id, $2 days
 DELETE FROM campaign.campaigns c
  WHERE c.id = $1
    AND c.status IN ('completed', 'cancelled')
+   AND coalesce(c.completed_at, c.updated_at) < now() - make_interval(days => $2)
    AND NOT EXISTS (SELECT 1 FROM campaign.recipients r WHERE r.campaign_id = c.id)
    AND NOT EXISTS (SELECT 1 FROM campaign.batches b WHERE b.campaign_id = c.id);
 

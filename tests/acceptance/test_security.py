@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -176,3 +176,33 @@ async def test_full_run_as_a_least_privileged_role_prints_no_secret(
     assert "batch_sent" in everything and "mo_received" in everything
     for secret in SECRETS:
         assert secret not in everything, f"a secret leaked into the output: {secret[:4]}..."
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "query",  # postgresql://user@host/db?password=...: once logged as it was
+        "userinfo",  # postgresql://user:p%40ss@host/db: an '@' in the password
+    ],
+)
+async def test_migrate_prints_the_dsn_without_its_password_in_any_form(
+    dsn: str, tmp_path: Path, form: str, campaign_process: Processes
+) -> None:
+    password = "Pw@" + DB_PASSWORD
+    parts = urlsplit(dsn)
+    # The test server trusts loopback connections: the password is carried, not checked.
+    if form == "query":
+        query = "&".join(q for q in (parts.query, f"password={quote(password)}") if q)
+        with_password = urlunsplit(parts._replace(query=query))
+    else:
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{parts.username}:{quote(password, safe='')}@{host}"
+        with_password = urlunsplit(parts._replace(netloc=netloc))
+    path = tmp_path / "c.toml"
+    path.write_text(f'[database]\ndsn = "{with_password}"\n', encoding="utf-8")
+    run = await campaign_process.run("migrate", config=path, name=f"migrate-{form}")
+    output = run.output()
+    assert run.returncode == 0, output
+    (finished,) = [line for line in output.splitlines() if "migrate_finished" in line]
+    assert "***" in finished and parts.path in finished
+    assert DB_PASSWORD not in output and quote(password, safe="") not in output

@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.helpers.webhooks import TOKEN, dr, mo, running_server
+from tests.helpers.webhooks import TOKEN, dr, mo, raw_exchange, running_server
 
 MIB = 1024 * 1024
 
@@ -104,3 +104,71 @@ async def test_bodies_over_the_limit_are_413_and_the_server_lives_on(
                 assert resp.status == 413
         async with http.post(url, data=orjson.dumps(dr("still-ok"))) as resp:
             assert resp.status == 200
+
+
+def _deep(depth: int, leaf: bytes) -> bytes:
+    return b'{"a":' * depth + leaf + b"}" * depth
+
+
+@pytest.mark.parametrize("kind", ["dr", "mo"])
+async def test_deep_bodies_with_and_without_nul_are_400_and_kept(
+    kind: str, pool: asyncpg.Pool, conn: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    # ~600 levels: under orjson's own limit, over what a recursive walk of Python survives.
+    with_nul = _deep(600, b'"x\\u0000y"')
+    deep_extra = orjson.dumps(dr("T-deep")).replace(
+        b'"callbackData":"cb"', b'"callbackData":"cb","additionalInfo":' + _deep(600, b"1")
+    )
+    assert b"additionalInfo" in deep_extra
+    answers = []
+    async with running_server(pool) as server:
+        url = f"{server.url}/webhooks/{kind}/{TOKEN}"
+        for body in (with_nul, deep_extra):
+            async with http.post(url, data=body) as resp:
+                answers.append(resp.status)
+    assert answers == [400, 400]
+    kept = await conn.fetch("SELECT kind, reason, body FROM campaign.webhook_rejects ORDER BY id")
+    assert [bytes(r["body"]) for r in kept] == [with_nul, deep_extra]
+    assert "NUL" in kept[0]["reason"] and "deep" in kept[1]["reason"]
+    assert await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports") == 0
+
+
+async def test_signature_header_that_is_not_utf8_is_403(pool: asyncpg.Pool) -> None:
+    body = orjson.dumps(dr("T-sig"))
+    async with running_server(pool, hmac_secret="a-signing-secret") as server:
+        head = (
+            f"POST /webhooks/dr/{TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n"
+        ).encode()
+        answer = await raw_exchange(
+            server.url, head + b"X-Hub-Signature: sha256=\xff\xfe\xc3\x28\r\n\r\n" + body
+        )
+        status_line = answer.split(b"\r\n", 1)[0]
+        assert status_line == b"HTTP/1.1 403 Forbidden", answer[:200]
+        # The receiver lives on.
+        assert (
+            await raw_exchange(
+                server.url, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+        ).startswith(b"HTTP/1.1 200")
+
+
+async def test_content_type_that_is_not_utf8_is_kept_with_the_reject(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    body = b"not json"
+    async with running_server(pool) as server:
+        answer = await raw_exchange(
+            server.url,
+            (
+                f"POST /webhooks/mo/{TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+            ).encode()
+            + b"Content-Type: text/\xff\xfe\r\n\r\n"
+            + body,
+        )
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    row = await conn.fetchrow("SELECT kind, content_type, body FROM campaign.webhook_rejects")
+    assert (row["kind"], bytes(row["body"])) == ("mo", body)
+    assert row["content_type"].startswith("text/")

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from campaign import db, metrics
 from tests.helpers.proc import Processes, write_config
-from tests.helpers.webhooks import TOKEN, dr, mo, running_server
+from tests.helpers.webhooks import TOKEN, dr, mo, raw_exchange, running_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -302,7 +302,9 @@ async def test_signature_and_source_network_when_configured(
         assert (await post(http, url, payload, headers=bad))[0] == 403
         assert (await post(http, url, payload, headers={"X-Hub-Signature": signature}))[0] == 200
     async with running_server(pool, allow_networks=("10.0.0.0/8",)) as server:
-        assert (await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("other")))[0] == 403
+        # Refused when the connection is made, before any request is read.
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("other"))
     async with running_server(pool, allow_networks=("127.0.0.0/8",)) as server:
         assert (await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("local")))[0] == 200
     transids = await conn.fetch("SELECT transid FROM campaign.delivery_reports ORDER BY 1")
@@ -429,3 +431,151 @@ async def test_killed_mid_run_every_200_was_committed_and_retries_store_once(
     events = first.event_names() + second.event_names()
     assert "webhooks_stopping" in events
     assert TOKEN not in first.log() + second.log()
+
+
+async def test_unknown_webhook_paths_are_404_and_logged_without_path_or_token_rate_limited(
+    pool: asyncpg.Pool, http: aiohttp.ClientSession
+) -> None:
+    # What a token holding '/', '?' or '#' made of every report: a path no route matches.
+    paths = [f"/webhooks/dr/{TOKEN}/x", f"/webhooks/mo/{TOKEN[:4]}/{TOKEN[4:]}", "/webhooks/x/y"]
+    with capture_logs() as logs:
+        async with running_server(pool) as server:
+            statuses = [(await post(http, server.url + p, dr("t")))[0] for p in paths]
+            async with http.get(f"{server.url}/webhooks/dr/{TOKEN}") as response:
+                statuses.append(response.status)
+            # A scanner: fifty more.
+            for n in range(50):
+                statuses.append((await post(http, f"{server.url}/webhooks/dr/a/{n}", b"{}"))[0])
+    assert statuses == [404] * 54
+    found = [e for e in logs if e["event"] == "webhook_not_found"]
+    assert [e["kind"] for e in found[:4]] == ["dr", "mo", None, "dr"]
+    assert all(e["remote"] == "127.0.0.1" and e["log_level"] == "warning" for e in found)
+    # Rate-limited: not one line per request.
+    assert 4 <= len(found) < 54
+    text = repr(logs)
+    assert TOKEN not in text and TOKEN[4:] not in text and "/webhooks/" not in text
+
+
+async def test_stop_from_a_national_number_uses_the_services_default_region(
+    dsn: str,
+    conn: asyncpg.Connection,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    campaign_process: Processes,
+) -> None:
+    # Two services in two regions, told apart by the short code an MO was sent to (`da`);
+    # an MO to neither takes no region (international forms only), as before.
+    config_path = tmp_path / "campaign.toml"
+    config_path.write_text(
+        f'[webhooks]\nlisten = "127.0.0.1:0"\ntoken = "{TOKEN}"\n'
+        "[database]\npool_min = 1\npool_max = 2\n"
+        '[services.uk]\nkey = "k-uk-0123456789"\nsender_id = "56767"\ndefault_region = "GB"\n'
+        '[services.us]\nkey = "k-us-0123456789"\nsender_id = "+1 555 0100"\n'
+        'default_region = "US"\n'
+    )
+    receiver = await campaign_process.start("webhooks", config=config_path, dsn=dsn)
+    url = str((await receiver.wait_event("webhooks_started"))["url"])
+    try:
+        mo_url = f"{url}/webhooks/mo/{TOKEN}"
+        for body in (
+            mo("07911 123456", "STOP", tid="n1", da="56767"),
+            mo("(202) 555-0123", "stop", tid="n2", da="15550100"),
+            # International forms still work whatever the region.
+            mo("447700900123", "STOP", tid="n3", da="56767"),
+            # The same national digits sent to an unknown short code: no region to read them in.
+            mo("07911 654321", "STOP", tid="n4", da="99999"),
+        ):
+            assert (await post(http, mo_url, body))[0] == 200
+    finally:
+        assert await receiver.stop() == 0
+    rows = await conn.fetch("SELECT msisdn, reason FROM campaign.suppressions ORDER BY msisdn")
+    assert [(r["msisdn"], r["reason"]) for r in rows] == [
+        ("+12025550123", "opt_out"),
+        ("+447700900123", "opt_out"),
+        ("+447911123456", "opt_out"),
+    ]
+    actions = await conn.fetch("SELECT tid, action FROM campaign.incoming_messages ORDER BY tid")
+    assert [(r["tid"], r["action"]) for r in actions] == [
+        ("n1", "opt_out"),
+        ("n2", "opt_out"),
+        ("n3", "opt_out"),
+        ("n4", None),
+    ]
+    assert "optout_ignored" in receiver.event_names()
+
+
+# Short limits so the tests are quick; each test asserts that the connection was closed,
+# with a safety timeout far above the limit, never how fast. The limit not under test is
+# far above the safety timeout, so only the one under test can have closed it.
+SAFETY_S = 30.0
+
+
+def _head(length: int) -> bytes:
+    return (
+        f"POST /webhooks/dr/{TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def test_slow_clients_half_sent_headers_or_body_are_closed(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    body = orjson.dumps(dr("slow-1"))
+    with capture_logs() as logs:
+        async with running_server(pool, read_timeout_s=1.0, keepalive_s=300.0) as server:
+            answers = await asyncio.gather(
+                *(
+                    raw_exchange(server.url, _head(len(body))[:40], timeout_s=SAFETY_S)
+                    for _ in range(5)
+                ),
+                # A header trickled a byte at a time: every byte arrives in time, the
+                # whole request never does.
+                raw_exchange(
+                    server.url,
+                    [_head(len(body))[:-2], *(b"X" for _ in range(10_000))],
+                    pause_s=0.05,
+                    timeout_s=SAFETY_S,
+                ),
+                raw_exchange(server.url, _head(len(body)) + body[:10], timeout_s=SAFETY_S),
+                # Connected, and nothing sent at all.
+                raw_exchange(server.url, b"", timeout_s=SAFETY_S),
+            )
+    # Closed without an answer: the platform retries a delivery that failed, not a 4xx.
+    assert answers == [b""] * 8
+    assert await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports") == 0
+    timed_out = [e for e in logs if e["event"] == "webhook_read_timed_out"]
+    assert {e["phase"] for e in timed_out} == {"headers", "body"}
+    assert all(e["remote"] == "127.0.0.1" for e in timed_out)
+
+
+async def test_an_idle_kept_alive_connection_is_closed(pool: asyncpg.Pool) -> None:
+    body = orjson.dumps(dr("idle-1"))
+    async with running_server(pool, read_timeout_s=300.0, keepalive_s=1.0) as server:
+        answers = await asyncio.gather(
+            # Silent after one request; silent after one request and half of the next.
+            raw_exchange(server.url, _head(len(body)) + body, timeout_s=SAFETY_S),
+            raw_exchange(server.url, _head(len(body)) + body + _head(9)[:30], timeout_s=SAFETY_S),
+        )
+    assert [a.count(b"HTTP/1.1 200 OK") for a in answers] == [1, 1]
+
+
+async def test_a_peer_outside_allow_networks_is_closed_before_any_request(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    with capture_logs() as logs:
+        async with running_server(pool, allow_networks=("10.0.0.0/8",)) as server:
+            # Fifty half-sent requests and one that sends nothing: all closed, none answered.
+            half_sent = [
+                raw_exchange(server.url, _head(100)[:30], timeout_s=SAFETY_S) for _ in range(50)
+            ]
+            silent = raw_exchange(server.url, b"", timeout_s=SAFETY_S)
+            answers = await asyncio.gather(*half_sent, silent)
+            # Health and metrics too: the listener refuses the peer, not a route.
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await post(http, f"{server.url}/webhooks/dr/{TOKEN}", dr("refused"))
+    assert answers == [b""] * 51
+    refused = [e for e in logs if e["event"] == "webhook_connection_refused"]
+    assert refused and all(e["remote"] == "127.0.0.1" for e in refused)
+    # Rate-limited: a scanner cannot write a line per connection.
+    assert len(refused) < 52
+    assert await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports") == 0

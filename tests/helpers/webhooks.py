@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -126,3 +128,34 @@ async def running_server(pool: db.Pool, **overrides: Any) -> AsyncIterator[Webho
         yield server
     finally:
         await server.stop()
+
+
+async def raw_exchange(
+    url: str, data: bytes | list[bytes], *, pause_s: float = 0.0, timeout_s: float = 30.0
+) -> bytes:
+    """Send `data` as is (a list: piece by piece, `pause_s` apart, until the server closes)
+    on a new connection to `url`'s host and port; everything read back until the server
+    closes or resets it. `timeout_s` is a safety net: TimeoutError if it never does."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    received = bytearray()
+
+    async def read_to_end() -> None:
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await reader.read(65536):
+                received.extend(chunk)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            reading = asyncio.create_task(read_to_end())
+            for piece in data if isinstance(data, list) else [data]:
+                if reading.done():
+                    break
+                with contextlib.suppress(ConnectionError):
+                    writer.write(piece)
+                    await writer.drain()
+                await asyncio.wait([reading], timeout=pause_s)
+            await reading
+    finally:
+        writer.close()
+    return bytes(received)

@@ -26,6 +26,8 @@ LAYERS: dict[str, int] = {
     "campaign.netaddr": 0,
     "campaign.payload": 1,
     "campaign.reports": 1,
+    # The receiver's connection guard (allow-list at accept, request read deadlines).
+    "campaign.netguard": 1,
     # The only asyncpg user.
     "campaign.db": 1,
     # What the roles share: the producer -> sender contract and per-recipient preparation.

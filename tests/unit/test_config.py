@@ -100,6 +100,12 @@ CASES = [
     ("[services.a]\nkey = 'k'\non_timeout = 'maybe'\n", "on_timeout: 'maybe' is not one of"),
     ("[logging]\nformat = 'xml'\n", "[logging] format: 'xml' is not one of"),
     ("[webhooks]\ntoken = ''\n", "[webhooks] token: missing"),
+    # The token is a URL path segment: a '/' (half of all base64 tokens), '?', '#' or '%'
+    # would make every report URL a 404 the platform never retries.
+    *(
+        (f"[webhooks]\ntoken = 'abc{c}def123'\n", "[webhooks] token: may hold only letters, digits")
+        for c in "/?#% +="
+    ),
     ("[optout]\nstop_keywords = 'STOP'\n", "stop_keywords: expected a list of strings"),
     ("[database]\npool_min = 5\npool_max = 2\n", "pool_min: must not exceed pool_max"),
     ("[api\n", "not valid TOML"),
@@ -143,3 +149,73 @@ async def test_cli_exits_non_zero_with_one_line_naming_key_and_file(
     lines = result.log().strip().splitlines()
     assert len(lines) == 1
     assert str(path) in lines[0] and "rate_per_s" in lines[0]
+
+
+@pytest.mark.parametrize("token", ["Zm9v/YmFy+cXV4", "abc?def", "abc#def", "abc%2Fdef"])
+async def test_webhook_token_outside_url_safe_characters_exits_2_with_a_hint(
+    tmp_path: Path, token: str, campaign_process: Processes
+) -> None:
+    path = _write(tmp_path, f"[webhooks]\ntoken = '{token}'\n")
+    # A loopback port nothing listens on: were the token accepted, migrate would fail on
+    # the connection instead, with a line that does not name the token setting.
+    result = await campaign_process.run(
+        "migrate", config=path, dsn="postgresql://nobody@127.0.0.1:9/none"
+    )
+    assert result.returncode == 2
+    (line,) = result.log().strip().splitlines()
+    assert "[webhooks] token" in line and str(path) in line
+    assert "openssl rand -hex 32" in line and "token_urlsafe" in line
+    assert token not in line
+
+
+def test_url_safe_webhook_tokens_load() -> None:
+    for token in ("a" * 64, "Ab-9_x.y~z", "0123456789abcdef"):
+        settings = config.parse({"webhooks": {"token": token}})
+        assert settings.webhooks.token == token
+
+
+# (DSN, as logged, the passwords a log redactor must know): every way a password is written.
+DSNS = [
+    ("postgresql://app:S3cretPw@db:5432/x", "postgresql://app:***@db:5432/x", ["S3cretPw"]),
+    ("postgresql://app@db/prod", "postgresql://app@db/prod", []),
+    (
+        "postgresql://app@db/prod?password=S3cretPw",
+        "postgresql://app@db/prod?password=***",
+        ["S3cretPw"],
+    ),
+    (
+        "postgres://app@db/prod?sslmode=require&PASSWORD=S3c%26ret+Pw&application_name=w",
+        "postgres://app@db/prod?sslmode=require&PASSWORD=***&application_name=w",
+        ["S3c%26ret+Pw", "S3c&ret+Pw", "S3c&ret Pw"],
+    ),
+    # An unencoded '@' (or '/', '?', ':') in the password: masked up to the last '@'.
+    ("postgresql://app:p@ss:w/o?rd@db/x", "postgresql://app:***@db/x", ["p@ss:w/o?rd"]),
+    ("postgresql://app:S%40cret@db/x", "postgresql://app:***@db/x", ["S%40cret", "S@cret"]),
+    ("postgresql://:OnlyPw@h1:5432,h2:5433/x", "postgresql://:***@h1:5432,h2:5433/x", ["OnlyPw"]),
+    (
+        "postgresql://app:UrlPw@db/x?sslpassword=KeyPw",
+        "postgresql://app:***@db/x?sslpassword=***",
+        ["UrlPw", "KeyPw"],
+    ),
+    (
+        "host=db user=app password=S3cretPw dbname=prod",
+        "host=db user=app password=*** dbname=prod",
+        ["S3cretPw"],
+    ),
+    (
+        "host=db password = 'S3 cr\\'et\\\\Pw' dbname=prod",
+        "host=db password = *** dbname=prod",
+        ["'S3 cr\\'et\\\\Pw'", "S3 cr'et\\Pw"],
+    ),
+    ("", "", []),
+]
+
+
+@pytest.mark.parametrize(("dsn", "masked", "passwords"), DSNS)
+def test_every_form_of_dsn_password_is_masked_and_known_to_the_redactor(
+    dsn: str, masked: str, passwords: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert config.mask_dsn(dsn) == masked
+    assert sorted(config.dsn_passwords(dsn)) == sorted(passwords)
+    monkeypatch.setenv(config.ENV_DSN, dsn)
+    assert set(passwords) <= set(config.Settings().secrets())

@@ -44,3 +44,9 @@ def test_migrations_are_numbered_without_gaps() -> None:
 def test_describe_dsn_hides_the_password() -> None:
     assert db.describe_dsn("postgresql://app:s3cret@db:5432/x") == "postgresql://app:***@db:5432/x"
     assert db.describe_dsn("postgresql://app@db/x") == "postgresql://app@db/x"
+    # The forms that leaked: a query parameter, an unencoded '@', a key=value string.
+    assert db.describe_dsn("postgresql://app@db/prod?password=S3cretPw") == (
+        "postgresql://app@db/prod?password=***"
+    )
+    assert db.describe_dsn("postgresql://app:p@ss@db/x") == "postgresql://app:***@db/x"
+    assert db.describe_dsn("host=db password=S3cretPw") == "host=db password=***"

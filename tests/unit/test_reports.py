@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from campaign import reports
-from campaign.config import OptOutSettings
+from campaign.config import OptOutSettings, ServiceSettings
 from campaign.reports import ParseError
 from tests.helpers.webhooks import dr, mo
 
@@ -322,3 +323,46 @@ def test_incoming_messages_round_trip_stripped_and_nul_refused(
         return
     [message] = reports.parse_incoming_messages(body)
     assert (message.oa, message.message, message.tid) == (oa, text.strip(), tid)
+
+
+@pytest.mark.parametrize("parse", [reports.parse_delivery_reports, reports.parse_incoming_messages])
+def test_deep_bodies_raise_parse_error_not_recursion_error(
+    parse: Callable[[bytes], object],
+) -> None:
+    deep_nul = b'{"a":' * 600 + b'"\\u0000"' + b"}" * 600
+    with pytest.raises(ParseError, match="NUL"):
+        parse(deep_nul)
+    too_deep = (
+        b'{"oa":"1","a":' + b"[" * (reports.MAX_DEPTH + 1) + b"]" * (reports.MAX_DEPTH + 1) + b"}"
+    )
+    with pytest.raises(ParseError, match="nested deeper"):
+        parse(too_deep)
+
+
+def test_optout_regions_follow_the_services_default_region() -> None:
+    uk = ServiceSettings(key="k", sender_id="56767", default_region="GB")
+    fr = ServiceSettings(key="k", sender_id="+33 6 00", default_region="fr")
+    plain = ServiceSettings(key="k", sender_id="ACME")
+    both = reports.OptOutRegions.from_services([uk, fr, plain])
+    assert both.region_for("56767") == "GB" and both.region_for("33600") == "fr"
+    # Two regions and a short code of neither: no guess.
+    assert both.region_for("99999") == "" and both.region_for(None) == ""
+    # One region among the services that set one: it is the guess for any short code.
+    assert reports.OptOutRegions.from_services([uk, plain]).region_for("99999") == "GB"
+    assert reports.OptOutRegions.from_services([plain]).region_for("56767") == ""
+
+
+@pytest.mark.parametrize(
+    ("oa", "region", "normalised"),
+    [
+        ("07911 123456", "GB", "+447911123456"),
+        ("07911 123456", "", None),
+        ("(202) 555-0123", "US", "+12025550123"),
+        ("447911123456", "US", "+447911123456"),
+        ("+33612345678", "GB", "+33612345678"),
+    ],
+)
+def test_normalise_oa_reads_national_numbers_in_the_region(
+    oa: str, region: str, normalised: str | None
+) -> None:
+    assert reports.normalise_oa(oa, default_region=region) == normalised
