@@ -479,3 +479,24 @@ async def test_a_backlog_is_matched_by_parallel_statements_each_report_once(
         )
         == 80
     )
+
+
+async def test_reports_with_only_a_correlation_id_are_each_stored_and_matched(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Four recipients' reports without a transid, two without a timestamp and two sharing
+    one: four different reports, none of them a duplicate of another."""
+    _, rows = await seed_campaign(conn, ["unknown"] * 4)
+    items = [
+        dr(None, "7500", correlation_id=r["correlation_id"], at=None if i < 2 else minutes(0))
+        for i, r in enumerate(rows)
+    ]
+    assert await store_reports(conn, items) == 4
+    # The platform retrying the same body stores nothing twice.
+    assert await store_reports(conn, items) == 0
+
+    await make_reconciler(pool).run_once()
+
+    for r in rows:
+        assert (await recipient(conn, r["id"]))["status"] == "delivered"
+    assert sorted(await report_states(conn)) == sorted(("matched", r["id"]) for r in rows)
