@@ -1,4 +1,5 @@
--- What identifies a delivery report.
+-- What identifies a delivery report; inserts that lock their campaigns against
+-- completion.
 
 -- A report is one destination's (transid or correlation id) report of one code at one
 -- time. The platform may leave out the transid (the parser accepts a correlation id
@@ -12,3 +13,50 @@ CREATE UNIQUE INDEX delivery_reports_report_key ON campaign.delivery_reports
     (transid, correlation_id, code, reported_at) NULLS NOT DISTINCT;
 DROP INDEX campaign.delivery_reports_dedup_key;
 ALTER INDEX campaign.delivery_reports_report_key RENAME TO delivery_reports_dedup_key;
+
+-- Recipients added to a completed campaign reopen it, so they are sent rather than
+-- stranded behind a status the producer no longer looks at.
+--
+-- Why the lock: the completer (reconcile_lock_finished_campaigns, then
+-- reconcile_complete_campaigns, in one transaction) locks a candidate FOR UPDATE, then
+-- looks for open recipients again with a fresh snapshot. This trigger locks the inserted
+-- rows' campaigns FOR KEY SHARE, which conflicts with FOR UPDATE and with nothing an
+-- ordinary UPDATE takes (two transactions may each insert into a campaign and update it),
+-- holds it to the end of the inserting transaction, and only then, in a statement of its
+-- own (READ COMMITTED: a fresh snapshot), reads which campaigns are completed. So either
+--   - the insert locked first: the completer's SKIP LOCKED passes the campaign by until
+--     the insert commits, and its next look sees the rows; or
+--   - the completer locked first: the lock waits for it to commit, the read after it sees
+--     the campaign completed and reopens it; or
+--   - the insert committed before the completer's second look, which sees the rows.
+-- The read is a statement of its own so that it sees the completer's commit whatever row
+-- version the lock was granted on (a KEY SHARE lock need not wait for, nor follow, an
+-- update that changed no key). Insert under READ COMMITTED (the default): a REPEATABLE
+-- READ transaction reads its old snapshot after the lock too.
+--
+-- Cost: one statement-level call per INSERT or COPY and one lock per distinct campaign,
+-- never per row (the foreign key check takes this same lock per row already).
+CREATE OR REPLACE FUNCTION campaign.reopen_completed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    inserted_into bigint[];
+    reopened bigint[];
+BEGIN
+    SELECT array_agg(DISTINCT n.campaign_id) INTO inserted_into FROM new_rows n;
+    -- One order for every inserter: no deadlock between two of them.
+    PERFORM 1
+       FROM campaign.campaigns c
+      WHERE c.id = ANY(inserted_into)
+      ORDER BY c.id
+        FOR KEY SHARE;
+    SELECT array_agg(c.id) INTO reopened
+      FROM campaign.campaigns c
+     WHERE c.id = ANY(inserted_into) AND c.status = 'completed';
+    -- Only when there is one: an UPDATE of no rows would still fire the NOTIFY trigger.
+    IF reopened IS NOT NULL THEN
+        UPDATE campaign.campaigns
+           SET status = 'running', completed_at = NULL
+         WHERE id = ANY(reopened) AND status = 'completed';
+    END IF;
+    RETURN NULL;
+END;
+$$;

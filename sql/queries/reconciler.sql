@@ -163,25 +163,44 @@ SELECT campaign_id, count(*) AS recipients
  GROUP BY campaign_id
  ORDER BY campaign_id;
 
+-- name: reconcile_lock_finished_campaigns
+-- First half of completion, in the caller's transaction: lock the running campaigns that
+-- look finished (no recipient pending, sending, queued or unknown). This statement's
+-- snapshot may predate an insert that committed before the lock was taken, so nothing is
+-- decided here: reconcile_complete_campaigns looks again. SKIP LOCKED passes by a
+-- campaign an uncommitted insert holds (campaign.reopen_completed locks it FOR KEY SHARE)
+-- and one another reconciler is completing. A campaign is only ever `running` once the
+-- producer claimed from it, so an empty new campaign is not completed.
+SELECT c.id
+  FROM campaign.campaigns c
+ WHERE c.status = 'running'
+   AND NOT EXISTS (
+       SELECT 1
+         FROM campaign.recipients r
+        WHERE r.campaign_id = c.id
+          AND r.status IN ('pending', 'sending', 'queued', 'unknown'))
+ ORDER BY c.id
+   FOR UPDATE SKIP LOCKED;
+
 -- name: reconcile_complete_campaigns
--- Running campaigns whose recipients are all final become completed; returns each one's
--- counts per status for the campaign_completed log line. A campaign is only ever
--- `running` once the producer claimed from it, so an empty new campaign is not completed.
-WITH done AS (
-    SELECT c.id
-      FROM campaign.campaigns c
-     WHERE c.status = 'running'
+-- Second half, same transaction, after the lock: of the campaigns $1 locked above, those
+-- still running with nothing open in this statement's fresh snapshot become completed.
+-- Every insert into one of them either committed before this snapshot (seen here: not
+-- completed) or waits for this transaction's lock and then reopens the campaign (see
+-- campaign.reopen_completed in sql/migrations/0003_report_identity.sql), so a recipient
+-- is never stranded in a completed campaign. Returns each completed campaign's counts per
+-- status for the campaign_completed log line.
+-- $1 campaign ids (bigint[]) from reconcile_lock_finished_campaigns
+WITH completed AS (
+    UPDATE campaign.campaigns c
+       SET status = 'completed', completed_at = now()
+     WHERE c.id = ANY($1::bigint[])
+       AND c.status = 'running'
        AND NOT EXISTS (
            SELECT 1
              FROM campaign.recipients r
             WHERE r.campaign_id = c.id
               AND r.status IN ('pending', 'sending', 'queued', 'unknown'))
-       FOR UPDATE SKIP LOCKED
-), completed AS (
-    UPDATE campaign.campaigns c
-       SET status = 'completed', completed_at = now()
-      FROM done
-     WHERE c.id = done.id
     RETURNING c.id
 )
 SELECT completed.id AS campaign_id,

@@ -500,3 +500,119 @@ async def test_reports_with_only_a_correlation_id_are_each_stored_and_matched(
     for r in rows:
         assert (await recipient(conn, r["id"]))["status"] == "delivered"
     assert sorted(await report_states(conn)) == sorted(("matched", r["id"]) for r in rows)
+
+
+# Holds a completion statement after it took its snapshot and before it locks anything,
+# until the test releases the advisory lock: the window in which an insert can commit.
+PAUSE_KEY = 7301
+PAUSE_FUNCTION = f"""
+CREATE FUNCTION public.completion_pause() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_lock_shared({PAUSE_KEY});
+    PERFORM pg_advisory_unlock_shared({PAUSE_KEY});
+    RETURN true;
+END;
+$$
+"""
+
+
+def paused_queries(*names: str) -> dict[str, str]:
+    """The named queries, those in `names` (default: every completion statement) paused
+    where they test for a running campaign."""
+    queries = dict(db.load_queries())
+    marker = "c.status = 'running'"
+    for name, sql in queries.items():
+        chosen = name in names if names else name.startswith("reconcile_")
+        if chosen and marker in sql:
+            queries[name] = sql.replace(marker, f"{marker} AND public.completion_pause()", 1)
+    return queries
+
+
+async def wait_until(conn: asyncpg.Connection, sql: str, *args: object) -> None:
+    async with asyncio.timeout(30):
+        while not await conn.fetchval(sql, *args):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_recipient_inserted_while_the_campaign_completes_is_sent(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, dsn: str
+) -> None:
+    """The insert commits after the completer's snapshot and before its lock."""
+    campaign_id, _ = await seed_campaign(conn, ["delivered", "failed"])
+    await conn.execute(PAUSE_FUNCTION)
+    reconciler = Reconciler(
+        pool=pool, settings=ReconcilerSettings(interval_s=0.05), queries=paused_queries()
+    )
+    holder = await db.connect(dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", PAUSE_KEY)
+        completing = asyncio.create_task(reconciler.run_once())
+        await wait_until(
+            conn, "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+        late = await conn.fetchval(
+            "INSERT INTO campaign.recipients (campaign_id, msisdn) "
+            "VALUES ($1, '919810099999') RETURNING id",
+            campaign_id,
+        )
+        await holder.execute("SELECT pg_advisory_unlock($1)", PAUSE_KEY)
+        async with asyncio.timeout(30):
+            await completing
+    finally:
+        await holder.close()
+
+    status = await conn.fetchval("SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id)
+    assert (await recipient(conn, late))["status"] == "pending"
+    # A completed campaign is never looked at again by the producer: the row would be lost.
+    assert status == "running"
+
+
+@pytest.mark.parametrize("foreign_key", [True, False], ids=["with-fk", "without-fk"])
+async def test_a_recipient_inserted_after_the_completer_locked_reopens_the_campaign(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, dsn: str, foreign_key: bool
+) -> None:
+    """The completer holds the campaign and its fresh look found nothing open: the insert
+    waits for it, then reopens the campaign it completed. The foreign key check would wait
+    too; without it the trigger's own lock must."""
+    campaign_id, _ = await seed_campaign(conn, ["delivered"])
+    await conn.execute(PAUSE_FUNCTION)
+    if not foreign_key:
+        await conn.execute(
+            "ALTER TABLE campaign.recipients DROP CONSTRAINT recipients_campaign_id_fkey"
+        )
+    reconciler = Reconciler(
+        pool=pool,
+        settings=ReconcilerSettings(interval_s=0.05),
+        queries=paused_queries("reconcile_complete_campaigns"),
+    )
+    holder = await db.connect(dsn)
+    inserter = await db.connect(dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", PAUSE_KEY)
+        completing = asyncio.create_task(reconciler.run_once())
+        await wait_until(
+            conn, "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+        inserting = asyncio.create_task(
+            inserter.fetchval(
+                "INSERT INTO campaign.recipients (campaign_id, msisdn) "
+                "VALUES ($1, '919810099999') RETURNING id",
+                campaign_id,
+            )
+        )
+        pid = inserter.get_server_pid()
+        await wait_until(conn, "SELECT cardinality(pg_blocking_pids($1)) > 0", pid)
+        await holder.execute("SELECT pg_advisory_unlock($1)", PAUSE_KEY)
+        async with asyncio.timeout(30):
+            result = await completing
+            late = await inserting
+    finally:
+        await holder.close()
+        await inserter.close()
+
+    assert result.campaigns_completed == 1
+    campaign = await conn.fetchrow(
+        "SELECT status, completed_at FROM campaign.campaigns WHERE id = $1", campaign_id
+    )
+    assert (campaign["status"], campaign["completed_at"]) == ("running", None)
+    assert (await recipient(conn, late))["status"] == "pending"
