@@ -11,7 +11,9 @@
 -- never starve newer ones) to recipients and apply, per recipient, the report that wins.
 -- Precedence: a final report replaces no report, an interim one, or an earlier final one
 -- (by reported_at, the platform's timestamp; received_at when it sent none); an interim
--- report only updates a recipient that is not final yet; duplicates change nothing.
+-- report only updates a recipient that is not final yet; duplicates change nothing. A
+-- report of a superseded attempt (its transid is not the recipient's) is linked to the
+-- recipient and changes nothing.
 -- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] (the code table,
 -- 'queued' = interim) $5 status for any other code
 WITH codes AS (
@@ -33,7 +35,11 @@ rated AS (
 ),
 -- By transid first (the one whose correlation id also matches, should a transid ever be
 -- shared), else by correlation id: that also finds recipients whose submit response never
--- arrived (`unknown`), which a report proves were accepted.
+-- arrived (`unknown`), which a report proves were accepted. Correlation ids (r<id>) repeat
+-- after a restore and across environments sharing a report URL, so that fallback only
+-- finds a recipient some request may have carried: in doubt, or posted at least once
+-- (attempts counts every request that reached 'posting'). A never-posted recipient is
+-- never settled by someone else's report; the report waits and is orphaned in the end.
 matched AS (
     SELECT r.*, coalesce(by_transid.id, by_correlation.id) AS recipient_id
       FROM rated r
@@ -50,13 +56,14 @@ matched AS (
           SELECT x.id
             FROM campaign.recipients x
            WHERE x.correlation_id = r.correlation_id AND by_transid.id IS NULL
+             AND (x.status = 'unknown' OR x.attempts > 0)
            LIMIT 1
       ) by_correlation ON true
 ),
 -- Lock the recipients (in id order: no deadlock between two reconcilers) and read their
--- status as of the lock, not as of the statement's snapshot.
+-- status and transid as of the lock, not as of the statement's snapshot.
 locked AS (
-    SELECT x.id, x.status
+    SELECT x.id, x.status, x.transid
       FROM campaign.recipients x
      -- = ANY(ARRAY(...)) rather than IN: primary-key probes, not a hash join over a scan
      -- of every recipient (what the planner picks for IN on a table of any size).
@@ -65,7 +72,12 @@ locked AS (
        FOR UPDATE
 ),
 usable AS (
-    SELECT m.*
+    SELECT m.*,
+           -- Found by correlation id, for a recipient whose current request has another
+           -- transid: the report of an attempt that was superseded (in doubt, then sent
+           -- again). It says nothing about the current message.
+           (m.transid IS NOT NULL AND l.transid IS NOT NULL AND l.transid <> m.transid)
+               AS superseded
       FROM matched m
       JOIN locked l ON l.id = m.recipient_id
      WHERE l.status <> 'sending'
@@ -75,6 +87,7 @@ usable AS (
 best AS (
     SELECT DISTINCT ON (u.recipient_id) u.*
       FROM usable u
+     WHERE NOT u.superseded
      ORDER BY u.recipient_id, (u.status <> 'queued') DESC, u.reported_at DESC, u.id DESC
 ),
 applied AS (

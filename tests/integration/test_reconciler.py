@@ -502,6 +502,76 @@ async def test_reports_with_only_a_correlation_id_are_each_stored_and_matched(
     assert sorted(await report_states(conn)) == sorted(("matched", r["id"]) for r in rows)
 
 
+async def test_a_correlation_id_never_matches_a_recipient_that_was_never_posted(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Correlation ids (r<id>) repeat after a restore and across environments: a report
+    found by one alone cannot settle a recipient no request ever carried."""
+    _, (fresh, retried) = await seed_campaign(conn, ["pending", "pending"])
+    # `retried` was posted once (in doubt) and given back to be sent again.
+    await conn.execute("UPDATE campaign.recipients SET attempts = 1 WHERE id = $1", retried["id"])
+    await store_reports(
+        conn,
+        [
+            dr("T-elsewhere", "7500", correlation_id=fresh["correlation_id"]),
+            dr("T-first", "7500", correlation_id=retried["correlation_id"]),
+        ],
+    )
+
+    await make_reconciler(pool).run_once()
+
+    row = await recipient(conn, fresh["id"])
+    assert (row["status"], row["transid"], row["dr_code"]) == ("pending", None, None)
+    row = await recipient(conn, retried["id"])
+    assert (row["status"], row["transid"]) == ("delivered", "T-first")
+    assert await report_states(conn) == [("new", None), ("matched", retried["id"])]
+
+
+async def test_a_report_of_a_superseded_attempt_is_linked_but_changes_nothing(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Attempt 1 was in doubt and attempt 2 was accepted: attempt 1's reports, found by
+    correlation id, are kept and linked, and never touch attempt 2's status or dr_*."""
+    _, (done, waiting) = await seed_campaign(conn, ["queued", "queued"], campaign_status="paused")
+    for r in (done, waiting):
+        await conn.execute(
+            "UPDATE campaign.recipients SET transid = $2, attempts = 2 WHERE id = $1",
+            r["id"],
+            f"T2-{r['id']}",
+        )
+    reconciler = make_reconciler(pool)
+    await store_reports(
+        conn, [dr(f"T2-{done['id']}", "7500", correlation_id=done["correlation_id"], at=minutes(1))]
+    )
+    await reconciler.run_once()
+
+    await store_reports(
+        conn,
+        [
+            dr(f"T1-{done['id']}", "7208", correlation_id=done["correlation_id"], at=minutes(5)),
+            dr(f"T1-{waiting['id']}", "7500", correlation_id=waiting["correlation_id"]),
+        ],
+    )
+    await reconciler.run_once()
+
+    row = await recipient(conn, done["id"])
+    assert (row["status"], row["transid"], row["dr_code"], row["dr_at"]) == (
+        "delivered",
+        f"T2-{done['id']}",
+        "7500",
+        minutes(1),
+    )
+    row = await recipient(conn, waiting["id"])
+    assert (row["status"], row["transid"], row["dr_code"]) == (
+        "queued",
+        f"T2-{waiting['id']}",
+        None,
+    )
+    assert sorted(await report_states(conn)) == sorted(
+        [("matched", done["id"]), ("matched", done["id"]), ("matched", waiting["id"])]
+    )
+
+
 # Holds a completion statement after it took its snapshot and before it locks anything,
 # until the test releases the advisory lock: the window in which an insert can commit.
 PAUSE_KEY = 7301
