@@ -1,5 +1,5 @@
 -- What identifies a delivery report; inserts that lock their campaigns against
--- completion.
+-- completion; which stored report a recipient's dr_* came from.
 
 -- A report is one destination's (transid or correlation id) report of one code at one
 -- time. The platform may leave out the transid (the parser accepts a correlation id
@@ -60,3 +60,11 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- The stored report whose values the recipient's dr_* hold. Orders reports without a
+-- timestamp by arrival (their id) without reading our clock into dr_at, which now holds
+-- only the platform's timestamp (NULL when the winning report carried none). Rows
+-- matched before this migration keep the dr_at they have (for a report without a
+-- timestamp, its arrival time), taken as a timestamp. Nullable without a default:
+-- adding it rewrites nothing.
+ALTER TABLE campaign.recipients ADD COLUMN dr_report_id bigint;

@@ -9,11 +9,12 @@
 -- name: reconcile_match_reports
 -- Match up to $2 'new' reports after id $1 (a keyset cursor, so reports that must wait
 -- never starve newer ones) to recipients and apply, per recipient, the report that wins.
--- Precedence: a final report replaces no report, an interim one, or an earlier final one
--- (by reported_at, the platform's timestamp; received_at when it sent none); an interim
--- report only updates a recipient that is not final yet; duplicates change nothing. A
--- report of a superseded attempt (its transid is not the recipient's) is linked to the
--- recipient and changes nothing.
+-- Precedence: a final report replaces no report, an interim one, or an earlier final one;
+-- an interim report only updates a recipient that is not final yet; duplicates change
+-- nothing. "Earlier" is by the platform's own timestamp (reported_at), never our clock: a
+-- report without one comes before every report with one, and among reports without one
+-- the later arrival (the higher id) wins. A report of a superseded attempt (its transid
+-- is not the recipient's) is linked to the recipient and changes nothing.
 -- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] (the code table,
 -- 'queued' = interim) $5 status for any other code
 WITH codes AS (
@@ -21,7 +22,7 @@ WITH codes AS (
 ),
 picked AS (
     SELECT d.id, d.transid, d.correlation_id, d.code, d.delivery_status, d.description,
-           coalesce(d.reported_at, d.received_at) AS reported_at
+           d.reported_at
       FROM campaign.delivery_reports d
      WHERE d.state = 'new' AND d.id > $1
      ORDER BY d.id
@@ -82,13 +83,14 @@ usable AS (
       JOIN locked l ON l.id = m.recipient_id
      WHERE l.status <> 'sending'
 ),
--- One report per recipient from this pass: a final one before an interim one, then the
--- latest, then the last received.
+-- One report per recipient from this pass: a final one before an interim one, then one
+-- with a timestamp before one without, then the latest, then the last received.
 best AS (
     SELECT DISTINCT ON (u.recipient_id) u.*
       FROM usable u
      WHERE NOT u.superseded
-     ORDER BY u.recipient_id, (u.status <> 'queued') DESC, u.reported_at DESC, u.id DESC
+     ORDER BY u.recipient_id, (u.status <> 'queued') DESC, u.reported_at DESC NULLS LAST,
+              u.id DESC
 ),
 applied AS (
     UPDATE campaign.recipients r
@@ -99,6 +101,7 @@ applied AS (
            dr_status      = b.delivery_status,
            dr_description = b.description,
            dr_at          = b.reported_at,
+           dr_report_id   = b.id,
            -- A final report is the truth about the message: a guess such as
            -- report_timeout, or an in-doubt failure, no longer applies.
            error_code     = CASE WHEN b.status = 'queued' THEN r.error_code END,
@@ -112,12 +115,16 @@ applied AS (
        AND CASE
            WHEN b.status <> 'queued' THEN
                 r.dr_code IS NULL
-                OR r.dr_at IS NULL
-                OR b.reported_at > r.dr_at
                 OR EXISTS (SELECT 1 FROM codes c WHERE c.code = r.dr_code AND c.status = 'queued')
+                OR b.reported_at > r.dr_at
+                OR (r.dr_at IS NULL AND (b.reported_at IS NOT NULL
+                                         OR b.id > coalesce(r.dr_report_id, 0)))
            ELSE
                 r.status IN ('pending', 'queued', 'unknown')
-                AND (r.dr_at IS NULL OR b.reported_at > r.dr_at)
+                AND (r.dr_code IS NULL
+                     OR b.reported_at > r.dr_at
+                     OR (r.dr_at IS NULL AND (b.reported_at IS NOT NULL
+                                              OR b.id > coalesce(r.dr_report_id, 0))))
            END
     RETURNING r.id
 ),

@@ -63,6 +63,15 @@ PRECEDENCE = [
     pytest.param([("7208", 0)], ("expired", "7208"), id="expired"),
     pytest.param([("7102", 0)], ("failed", "7102"), id="other-code-failed"),
     pytest.param([("7501", 0), ("7501", 2), ("7208", 1)], ("expired", "7208"), id="mixed"),
+    # A report without a timestamp (None) never overrides one with a timestamp, whatever
+    # our clock says when it arrives; among reports without one, the later arrival wins.
+    pytest.param([("7201", 0), ("7500", None)], ("failed", "7201"), id="no-ts-never-overrides"),
+    pytest.param([("7500", None), ("7201", 0)], ("failed", "7201"), id="ts-overrides-no-ts"),
+    pytest.param([("7500", None), ("7201", None)], ("failed", "7201"), id="no-ts-arrival-order"),
+    pytest.param([("7201", None), ("7500", None)], ("delivered", "7500"), id="no-ts-arrival-2"),
+    pytest.param([("7501", None), ("7500", 0)], ("delivered", "7500"), id="no-ts-interim-then"),
+    pytest.param([("7500", None), ("7501", 5)], ("delivered", "7500"), id="no-ts-final-stays"),
+    pytest.param([("7501", 0), ("7501", None)], ("queued", "7501"), id="no-ts-interim"),
 ]
 
 
@@ -71,14 +80,14 @@ PRECEDENCE = [
 async def test_precedence_table(
     pool: asyncpg.Pool,
     conn: asyncpg.Connection,
-    sequence: list[tuple[str, int]],
+    sequence: list[tuple[str, int | None]],
     expected: tuple[str, str],
     one_pass: bool,
 ) -> None:
     _, (r,) = await seed_campaign(conn, ["queued"], campaign_status="paused")
     reconciler = make_reconciler(pool)
     for code, at in sequence:
-        await store_reports(conn, [dr(r["transid"], code, at=minutes(at))])
+        await store_reports(conn, [dr(r["transid"], code, at=None if at is None else minutes(at))])
         if not one_pass:
             await reconciler.run_once()
     await reconciler.run_once()
@@ -86,6 +95,13 @@ async def test_precedence_table(
     row = await recipient(conn, r["id"])
     assert (row["status"], row["dr_code"]) == expected
     assert all(state == "matched" for state, _ in await report_states(conn))
+    # dr_at is the winning report's own timestamp, never our clock.
+    winner = await conn.fetchval(
+        "SELECT reported_at FROM campaign.delivery_reports WHERE code = $1 "
+        "ORDER BY reported_at DESC NULLS LAST LIMIT 1",
+        expected[1],
+    )
+    assert row["dr_at"] == winner
 
 
 async def test_duplicates_are_stored_once_and_change_nothing(
