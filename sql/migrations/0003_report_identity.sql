@@ -36,7 +36,13 @@ ALTER INDEX campaign.delivery_reports_report_key RENAME TO delivery_reports_dedu
 --
 -- Cost: one statement-level call per INSERT or COPY and one lock per distinct campaign,
 -- never per row (the foreign key check takes this same lock per row already).
-CREATE OR REPLACE FUNCTION campaign.reopen_completed() RETURNS trigger LANGUAGE plpgsql AS $$
+--
+-- SECURITY DEFINER: the lock needs UPDATE on campaign.campaigns, the read SELECT; an
+-- application allowed only to insert recipients must not need either. It runs as the
+-- schema's owner with a fixed search_path, and touches nothing but the campaigns of the
+-- rows being inserted.
+CREATE OR REPLACE FUNCTION campaign.reopen_completed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     inserted_into bigint[];
     reopened bigint[];

@@ -4,6 +4,7 @@ orphans, the report timeout, completion."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import asyncpg
 import pytest
@@ -702,3 +703,30 @@ async def test_a_recipient_inserted_after_the_completer_locked_reopens_the_campa
     )
     assert (campaign["status"], campaign["completed_at"]) == ("running", None)
     assert (await recipient(conn, late))["status"] == "pending"
+
+
+async def test_an_application_allowed_only_to_insert_recipients_reopens_a_completed_campaign(
+    conn: asyncpg.Connection,
+) -> None:
+    """The reopen trigger locks and updates campaigns as the schema's owner: inserting
+    recipients needs no privilege on campaign.campaigns."""
+    campaign_id, _ = await seed_campaign(conn, ["delivered"], campaign_status="completed")
+    role = f"campaign_inserter_{os.getpid()}"
+    await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+    await conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        await conn.execute(f'GRANT USAGE ON SCHEMA campaign TO "{role}"')
+        await conn.execute(f'GRANT INSERT ON campaign.recipients TO "{role}"')
+        async with conn.transaction():
+            await conn.execute(f'SET LOCAL ROLE "{role}"')
+            await conn.execute(
+                "INSERT INTO campaign.recipients (campaign_id, msisdn) VALUES ($1, '919810099999')",
+                campaign_id,
+            )
+        status = await conn.fetchval(
+            "SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id
+        )
+        assert status == "running"
+    finally:
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE "{role}"')
