@@ -274,7 +274,25 @@ def parse(raw: Mapping[str, Any], *, source: str = "<config>") -> Settings:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         values[name] = _build(section_type, value, source, f"[{name}]")
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_across_sections(settings, source)
+    return settings
+
+
+def _check_across_sections(settings: Settings, source: str) -> None:
+    """Settings that are only right relative to each other's sections."""
+    # A report for a recipient still `sending` waits for the submit response, at most a
+    # lease (renewed when the request is posted) plus the request's timeout; after that
+    # recovery makes the row `unknown` and the report can settle it. Orphaned sooner, the
+    # report is given up and the row is sent again.
+    waits_s = settings.producer.lease_s + settings.api.timeout_s
+    orphan_after_s = settings.reconciler.orphan_after_s
+    if orphan_after_s <= waits_s:
+        raise ConfigError(
+            f"{source}: [reconciler] orphan_after_s: {orphan_after_s:g} s must be longer than "
+            f"[producer] lease_s + [api] timeout_s ({waits_s:g} s), or reports for rows "
+            "still being sent are orphaned and those rows sent again"
+        )
 
 
 def _section_types() -> dict[str, type[Any]]:

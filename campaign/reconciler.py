@@ -26,6 +26,7 @@ QUERIES = (
     "reconcile_match_reports",
     "reconcile_orphan_reports",
     "reconcile_report_timeout",
+    "reconcile_lock_finished_campaigns",
     "reconcile_complete_campaigns",
     "reconcile_activity",
 )
@@ -232,10 +233,22 @@ class Reconciler:
                 report_timeout_s=s.report_timeout_s,
             )
 
-        async with _step("statement", "reconcile_complete_campaigns"):
-            completed = await conn.fetch(
-                self._queries["reconcile_complete_campaigns"], timeout=STEP_TIMEOUT_S
-            )
+        # Lock the campaigns that look finished, then look again with a fresh snapshot, in
+        # one transaction: a recipient inserted meanwhile is either seen by the second look
+        # or reopens the campaign once the lock is released (reconciler.sql says why).
+        async with conn.transaction():
+            async with _step("statement", "reconcile_lock_finished_campaigns"):
+                finished = await conn.fetch(
+                    self._queries["reconcile_lock_finished_campaigns"], timeout=STEP_TIMEOUT_S
+                )
+            completed = []
+            if finished:
+                async with _step("statement", "reconcile_complete_campaigns"):
+                    completed = await conn.fetch(
+                        self._queries["reconcile_complete_campaigns"],
+                        [row["id"] for row in finished],
+                        timeout=STEP_TIMEOUT_S,
+                    )
         for row in completed:
             counts: Mapping[str, int] = row["counts"]
             per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}

@@ -73,10 +73,11 @@ class DeliveryReport:
     raw: Mapping[str, Any]
 
     @property
-    def dedup_key(self) -> tuple[str, str, str]:
-        """The stored identity (transid, code, reported_at), as strings for sorting."""
+    def dedup_key(self) -> tuple[str, str, str, str]:
+        """The stored identity (transid, correlation_id, code, reported_at), as strings for
+        sorting: the columns of delivery_reports_dedup_key."""
         at = self.reported_at.isoformat() if self.reported_at else ""
-        return (self.transid or "", self.code, at)
+        return (self.transid or "", self.correlation_id or "", self.code, at)
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,6 +115,9 @@ TRANSITIONS: Final[tuple[Move, ...]] = (
     _move("recovery", "recovery_resolve_unknown", {"unknown"}, {"pending", "failed"}),
     # A delivery report settles any row the sender is done with, even one in doubt or
     # already final (a later final report wins); an interim one only marks it queued.
+    # Found by correlation id alone it settles only a row some request may have carried
+    # (`unknown`, or attempts > 0: a `pending` row never posted is not a source), and a
+    # report of a superseded attempt (another transid than the row's) moves nothing.
     _move(
         "reconciler",
         "reconcile_match_reports",

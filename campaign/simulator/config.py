@@ -30,6 +30,7 @@ REPORT_FAULTS = (
     "unknown_transid",
     "timestamp_offset",
     "timestamp_missing",
+    "transid_missing",
     "lost_report",
 )
 # Faults that read `delay_s`: how long the response is held, how late the copy is sent.
@@ -83,6 +84,7 @@ class Faults:
     unknown_transid: FaultSpec = FaultSpec()
     timestamp_offset: FaultSpec = FaultSpec()
     timestamp_missing: FaultSpec = FaultSpec()
+    transid_missing: FaultSpec = FaultSpec()
     lost_report: FaultSpec = FaultSpec()
 
 

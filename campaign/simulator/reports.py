@@ -27,6 +27,8 @@ class _Report(NamedTuple):
     event_at: float
     # "" for the documented UTC form, an offset like "+05:30", or None for no timeStamp.
     offset: str | None
+    # False: the report carries only the correlation id (the transid_missing fault).
+    with_transid: bool = True
 
 
 def render_report(report: _Report, *, extra_fields: bool) -> dict[str, Any]:
@@ -50,7 +52,8 @@ def render_report(report: _Report, *, extra_fields: bool) -> dict[str, Any]:
         notification["correlationid"] = report.correlation_id
     if report.context.callback_data is not None:
         notification["callbackData"] = report.context.callback_data
-    notification["transid"] = report.transid
+    if report.with_transid:
+        notification["transid"] = report.transid
     return {"deliveryInfoNotification": notification}
 
 
@@ -93,6 +96,9 @@ class _ReportPlanner:
         )
         self.planned: list[tuple[float, _Report]] = []
         self.faults = _Counter()
+        # (correlation id, transid) of destinations whose reports leave the transid out:
+        # the only record of that pair, for a ledger that reads pairs from the reports.
+        self.transids_omitted: list[tuple[str, str]] = []
 
     def _delay(self) -> float:
         if self._uniform:
@@ -138,13 +144,28 @@ class _ReportPlanner:
             offset = None
         elif self._hit("timestamp_offset"):
             offset = self._config.timestamp_offset
+        # Only with a correlation id: a report with neither cannot be matched by anyone.
+        with_transid = correlation is None or not self._hit("transid_missing")
+        if not with_transid:
+            assert correlation is not None
+            self.transids_omitted.append((correlation, transid))
         interim = self._random() < self._config.dr_interim_ratio
         out_of_order = self._hit("out_of_order")
         wall = self._wall
 
         def add(send_at: float, report_code: str, event_at: float, tid: str = transid) -> None:
-            cid = correlation if tid == transid else f"unknown-{tid[:8]}"
-            report = _Report(context, report_code, tid, msisdn, cid, wall + event_at, offset)
+            mine = tid == transid
+            cid = correlation if mine else f"unknown-{tid[:8]}"
+            report = _Report(
+                context,
+                report_code,
+                tid,
+                msisdn,
+                cid,
+                wall + event_at,
+                offset,
+                with_transid or not mine,
+            )
             self.planned.append((send_at, report))
 
         first = 0.0 if self.immediate else self._delay()

@@ -340,6 +340,9 @@ class Simulator:
         assert callbacks is not None
         for name, count in planner.faults.items():
             self._stats.faults.add(name, count)
+        omitted = self._stats.transids_omitted
+        for correlation, transid in planner.transids_omitted:
+            omitted.setdefault(correlation, []).append(transid)
         planned = planner.planned
         if not planned:
             return []

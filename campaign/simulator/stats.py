@@ -49,6 +49,8 @@ class Stats:
         self.accepted_per_window: dict[int, int] = {}
         self.msisdns: dict[str, int] = {}
         self.correlation_ids: dict[str, int] = {}
+        # Correlation id -> transids issued for it whose reports left the transid out.
+        self.transids_omitted: dict[str, list[str]] = {}
         self.duplicate_msisdns = 0
         self.duplicate_correlation_ids = 0
         self.reports_scheduled = 0
@@ -118,4 +120,5 @@ class Stats:
         if not summary:
             body["msisdns"] = dict(self.msisdns)
             body["correlation_ids"] = dict(self.correlation_ids)
+            body["transids_omitted"] = {c: list(t) for c, t in self.transids_omitted.items()}
         return body

@@ -9,9 +9,12 @@
 -- name: reconcile_match_reports
 -- Match up to $2 'new' reports after id $1 (a keyset cursor, so reports that must wait
 -- never starve newer ones) to recipients and apply, per recipient, the report that wins.
--- Precedence: a final report replaces no report, an interim one, or an earlier final one
--- (by reported_at, the platform's timestamp; received_at when it sent none); an interim
--- report only updates a recipient that is not final yet; duplicates change nothing.
+-- Precedence: a final report replaces no report, an interim one, or an earlier final one;
+-- an interim report only updates a recipient that is not final yet; duplicates change
+-- nothing. "Earlier" is by the platform's own timestamp (reported_at), never our clock: a
+-- report without one comes before every report with one, and among reports without one
+-- the later arrival (the higher id) wins. A report of a superseded attempt (its transid
+-- is not the recipient's) is linked to the recipient and changes nothing.
 -- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] (the code table,
 -- 'queued' = interim) $5 status for any other code
 WITH codes AS (
@@ -19,7 +22,7 @@ WITH codes AS (
 ),
 picked AS (
     SELECT d.id, d.transid, d.correlation_id, d.code, d.delivery_status, d.description,
-           coalesce(d.reported_at, d.received_at) AS reported_at
+           d.reported_at
       FROM campaign.delivery_reports d
      WHERE d.state = 'new' AND d.id > $1
      ORDER BY d.id
@@ -33,7 +36,11 @@ rated AS (
 ),
 -- By transid first (the one whose correlation id also matches, should a transid ever be
 -- shared), else by correlation id: that also finds recipients whose submit response never
--- arrived (`unknown`), which a report proves were accepted.
+-- arrived (`unknown`), which a report proves were accepted. Correlation ids (r<id>) repeat
+-- after a restore and across environments sharing a report URL, so that fallback only
+-- finds a recipient some request may have carried: in doubt, or posted at least once
+-- (attempts counts every request that reached 'posting'). A never-posted recipient is
+-- never settled by someone else's report; the report waits and is orphaned in the end.
 matched AS (
     SELECT r.*, coalesce(by_transid.id, by_correlation.id) AS recipient_id
       FROM rated r
@@ -50,13 +57,14 @@ matched AS (
           SELECT x.id
             FROM campaign.recipients x
            WHERE x.correlation_id = r.correlation_id AND by_transid.id IS NULL
+             AND (x.status = 'unknown' OR x.attempts > 0)
            LIMIT 1
       ) by_correlation ON true
 ),
 -- Lock the recipients (in id order: no deadlock between two reconcilers) and read their
--- status as of the lock, not as of the statement's snapshot.
+-- status and transid as of the lock, not as of the statement's snapshot.
 locked AS (
-    SELECT x.id, x.status
+    SELECT x.id, x.status, x.transid
       FROM campaign.recipients x
      -- = ANY(ARRAY(...)) rather than IN: primary-key probes, not a hash join over a scan
      -- of every recipient (what the planner picks for IN on a table of any size).
@@ -65,17 +73,24 @@ locked AS (
        FOR UPDATE
 ),
 usable AS (
-    SELECT m.*
+    SELECT m.*,
+           -- Found by correlation id, for a recipient whose current request has another
+           -- transid: the report of an attempt that was superseded (in doubt, then sent
+           -- again). It says nothing about the current message.
+           (m.transid IS NOT NULL AND l.transid IS NOT NULL AND l.transid <> m.transid)
+               AS superseded
       FROM matched m
       JOIN locked l ON l.id = m.recipient_id
      WHERE l.status <> 'sending'
 ),
--- One report per recipient from this pass: a final one before an interim one, then the
--- latest, then the last received.
+-- One report per recipient from this pass: a final one before an interim one, then one
+-- with a timestamp before one without, then the latest, then the last received.
 best AS (
     SELECT DISTINCT ON (u.recipient_id) u.*
       FROM usable u
-     ORDER BY u.recipient_id, (u.status <> 'queued') DESC, u.reported_at DESC, u.id DESC
+     WHERE NOT u.superseded
+     ORDER BY u.recipient_id, (u.status <> 'queued') DESC, u.reported_at DESC NULLS LAST,
+              u.id DESC
 ),
 applied AS (
     UPDATE campaign.recipients r
@@ -86,6 +101,7 @@ applied AS (
            dr_status      = b.delivery_status,
            dr_description = b.description,
            dr_at          = b.reported_at,
+           dr_report_id   = b.id,
            -- A final report is the truth about the message: a guess such as
            -- report_timeout, or an in-doubt failure, no longer applies.
            error_code     = CASE WHEN b.status = 'queued' THEN r.error_code END,
@@ -99,12 +115,16 @@ applied AS (
        AND CASE
            WHEN b.status <> 'queued' THEN
                 r.dr_code IS NULL
-                OR r.dr_at IS NULL
-                OR b.reported_at > r.dr_at
                 OR EXISTS (SELECT 1 FROM codes c WHERE c.code = r.dr_code AND c.status = 'queued')
+                OR b.reported_at > r.dr_at
+                OR (r.dr_at IS NULL AND (b.reported_at IS NOT NULL
+                                         OR b.id > coalesce(r.dr_report_id, 0)))
            ELSE
                 r.status IN ('pending', 'queued', 'unknown')
-                AND (r.dr_at IS NULL OR b.reported_at > r.dr_at)
+                AND (r.dr_code IS NULL
+                     OR b.reported_at > r.dr_at
+                     OR (r.dr_at IS NULL AND (b.reported_at IS NOT NULL
+                                              OR b.id > coalesce(r.dr_report_id, 0))))
            END
     RETURNING r.id
 ),
@@ -163,25 +183,44 @@ SELECT campaign_id, count(*) AS recipients
  GROUP BY campaign_id
  ORDER BY campaign_id;
 
+-- name: reconcile_lock_finished_campaigns
+-- First half of completion, in the caller's transaction: lock the running campaigns that
+-- look finished (no recipient pending, sending, queued or unknown). This statement's
+-- snapshot may predate an insert that committed before the lock was taken, so nothing is
+-- decided here: reconcile_complete_campaigns looks again. SKIP LOCKED passes by a
+-- campaign an uncommitted insert holds (campaign.reopen_completed locks it FOR KEY SHARE)
+-- and one another reconciler is completing. A campaign is only ever `running` once the
+-- producer claimed from it, so an empty new campaign is not completed.
+SELECT c.id
+  FROM campaign.campaigns c
+ WHERE c.status = 'running'
+   AND NOT EXISTS (
+       SELECT 1
+         FROM campaign.recipients r
+        WHERE r.campaign_id = c.id
+          AND r.status IN ('pending', 'sending', 'queued', 'unknown'))
+ ORDER BY c.id
+   FOR UPDATE SKIP LOCKED;
+
 -- name: reconcile_complete_campaigns
--- Running campaigns whose recipients are all final become completed; returns each one's
--- counts per status for the campaign_completed log line. A campaign is only ever
--- `running` once the producer claimed from it, so an empty new campaign is not completed.
-WITH done AS (
-    SELECT c.id
-      FROM campaign.campaigns c
-     WHERE c.status = 'running'
+-- Second half, same transaction, after the lock: of the campaigns $1 locked above, those
+-- still running with nothing open in this statement's fresh snapshot become completed.
+-- Every insert into one of them either committed before this snapshot (seen here: not
+-- completed) or waits for this transaction's lock and then reopens the campaign (see
+-- campaign.reopen_completed in sql/migrations/0003_report_identity.sql), so a recipient
+-- is never stranded in a completed campaign. Returns each completed campaign's counts per
+-- status for the campaign_completed log line.
+-- $1 campaign ids (bigint[]) from reconcile_lock_finished_campaigns
+WITH completed AS (
+    UPDATE campaign.campaigns c
+       SET status = 'completed', completed_at = now()
+     WHERE c.id = ANY($1::bigint[])
+       AND c.status = 'running'
        AND NOT EXISTS (
            SELECT 1
              FROM campaign.recipients r
             WHERE r.campaign_id = c.id
               AND r.status IN ('pending', 'sending', 'queued', 'unknown'))
-       FOR UPDATE SKIP LOCKED
-), completed AS (
-    UPDATE campaign.campaigns c
-       SET status = 'completed', completed_at = now()
-      FROM done
-     WHERE c.id = done.id
     RETURNING c.id
 )
 SELECT completed.id AS campaign_id,

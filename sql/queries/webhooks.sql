@@ -3,10 +3,11 @@
 
 -- name: webhook_insert_reports
 -- Store one group of delivery reports from many requests in one statement (one commit).
--- A report seen before (same transid, code and timestamp) is skipped by the dedup index,
--- so a platform retry or a client resending after a 503 stores nothing twice. The caller
--- sorts by (transid, code, reported_at) so two receivers inserting overlapping groups lock
--- index entries in the same order and cannot deadlock.
+-- A report seen before (same transid, correlation id, code and timestamp, a missing one
+-- equal to a missing one) is skipped by the dedup index, so a platform retry or a client
+-- resending after a 503 stores nothing twice; two recipients' reports never collide, even
+-- without a transid or a timestamp. The caller sorts by that key so two receivers
+-- inserting overlapping groups lock index entries in the same order and cannot deadlock.
 -- $1 one jsonb object of arrays of equal length: transid, correlation_id, code,
 -- delivery_status, description, destination, reported_at (ISO 8601 with offset),
 -- callback_data, message_count, carrier, raw (each report's object as received). One
@@ -30,7 +31,7 @@ SELECT t.transid, t.correlation_id, t.code, t.delivery_status, t.description, t.
            jsonb_array_elements($1::jsonb -> 'raw'))
        AS t(transid, correlation_id, code, delivery_status, description, destination,
             reported_at, callback_data, message_count, carrier, raw)
-    ON CONFLICT (transid, code, reported_at) DO NOTHING;
+    ON CONFLICT (transid, correlation_id, code, reported_at) DO NOTHING;
 
 -- name: webhook_store_incoming
 -- Store one incoming message and apply its opt-out in the same statement. A message seen

@@ -882,3 +882,30 @@ def test_example_config_shows_every_knob_with_its_default() -> None:
     assert set(raw) == {f.name for f in dataclasses.fields(SimulatorConfig)} - {"seed"}
     assert set(raw["faults"]) == {f.name for f in dataclasses.fields(Faults)}
     assert SimulatorConfig.from_toml(path) == SimulatorConfig()
+
+
+async def test_reports_without_a_transid(session: aiohttp.ClientSession) -> None:
+    config = fast_config(dr_interim_ratio=1.0, faults=faults(transid_missing=ALWAYS))
+    async with receiver() as rec, simulator(config) as sim:
+        answer = await post(
+            session,
+            sim,
+            [
+                sms(["447700900001"], notifyurl=rec.url()),
+                sms(["447700900002"], notifyurl=rec.url(), correlation_prefix=None),
+            ],
+        )
+        await sim.wait_reports_sent(timeout_s=10)
+        stats = sim.stats()
+    with_correlation, without_correlation = answer.results
+    notifications = [r["deliveryInfoNotification"] for r in rec.reports()]
+    mine = [n for n in notifications if n.get("correlationid") == "c0"]
+    # Every report of the destination, interim and final, carries only its correlation id.
+    assert sorted(n["deliveryInfo"]["code"] for n in mine) == ["7500", "7501"]
+    assert all("transid" not in n for n in mine)
+    # A destination without a correlation id keeps its transid: nothing else could match it.
+    others = [n for n in notifications if "correlationid" not in n]
+    assert len(others) == 2
+    assert all(n["transid"] == without_correlation["transid"] for n in others)
+    assert stats["faults"]["transid_missing"] == 1
+    assert stats["transids_omitted"] == {"c0": [with_correlation["transid"]]}

@@ -579,3 +579,25 @@ async def test_a_peer_outside_allow_networks_is_closed_before_any_request(
     # Rate-limited: a scanner cannot write a line per connection.
     assert len(refused) < 52
     assert await conn.fetchval("SELECT count(*) FROM campaign.delivery_reports") == 0
+
+
+async def test_reports_with_only_a_correlation_id_are_each_stored(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    """Four recipients' 7500s without a transid, two without a timestamp and two sharing
+    one, are four reports: a 200 tells the platform all four are safe."""
+    at = "2026-01-02T03:04:05.678"
+    items = [
+        dr(None, "7500", correlation_id=f"r{n}", at=None if n <= 2 else at) for n in range(1, 5)
+    ]
+    async with running_server(pool) as server:
+        url = f"{server.url}/webhooks/dr/{TOKEN}"
+        first = await post(http, url, items)
+        again = await post(http, url, items)
+    assert first == (200, {"status": "ok", "reports": 4})
+    assert again[0] == 200
+    rows = await conn.fetch(
+        "SELECT transid, correlation_id, code FROM campaign.delivery_reports ORDER BY id"
+    )
+    assert sorted(r["correlation_id"] for r in rows) == ["r1", "r2", "r3", "r4"]
+    assert {(r["transid"], r["code"]) for r in rows} == {(None, "7500")}

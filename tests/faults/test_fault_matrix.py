@@ -29,6 +29,7 @@ from tests.helpers.faults import (
 )
 from tests.helpers.pgprivate import pg_bin, private_server
 from tests.helpers.proc import wait_until
+from tests.helpers.seed import add_recipients, numbers
 
 pytestmark = pytest.mark.slow
 
@@ -338,3 +339,102 @@ async def test_share_change_with_full_queues(conn, dsn, tmp_path: Path) -> None:
             assert worst <= rate * span_s + batch, (span_s, worst, series)
     finally:
         await sim.close()
+
+
+async def test_reports_with_only_a_correlation_id(conn, dsn, tmp_path: Path) -> None:
+    """Reports without a transid (some without a timestamp too): each is its own report,
+    stored and matched by correlation id; none is taken for another's duplicate."""
+    knobs = Faults(
+        transid_missing=FaultSpec(probability=0.3),
+        timestamp_missing=FaultSpec(probability=0.3),
+        duplicate_report=FaultSpec(probability=0.2, delay_s=0.05),
+        report_before_response=FaultSpec(probability=0.3),
+    )
+    sim = await start_simulator(sim_config(faults=knobs, dr_interim_ratio=0.2))
+    try:
+        campaign_id = await seed(conn)
+        async with fault_run(dsn, sim, tmp_path) as run:
+            await run.start_webhooks()
+            t0 = time.monotonic()
+            await drain_to_end(run, "w1")
+            await finish(
+                run,
+                conn,
+                sim,
+                campaign_id,
+                fault="reports with only a correlation id",
+                started_at=t0,
+            )
+        fired = sim.stats()["faults"]
+        assert fired.get("transid_missing", 0) > 0, fired
+        counts = await conn.fetchrow(
+            "SELECT count(*) AS stored, count(*) FILTER (WHERE state <> 'matched') AS unmatched "
+            "FROM campaign.delivery_reports WHERE transid IS NULL"
+        )
+        # At least one stored report per destination that sent them, all of them matched.
+        assert counts["stored"] >= fired["transid_missing"]
+        assert counts["unmatched"] == 0
+    finally:
+        await sim.close()
+
+
+DRIP_ROUNDS = 20
+DRIP_PER_ROUND = 50
+
+
+async def test_recipients_inserted_while_the_campaign_completes(conn, dsn, tmp_path: Path) -> None:
+    """Recipients dripped in one transaction each whenever the campaign has nothing open:
+    in even rounds once it is completed (each insert must reopen it), in odd rounds at
+    once, racing the reconciler's completion. Every one of them is sent and delivered."""
+    rnd = random.Random(2026)
+    dripped = DRIP_ROUNDS * DRIP_PER_ROUND
+    sim = await start_simulator(sim_config())
+    try:
+        campaign_id = await seed(conn, RECIPIENTS - dripped)
+        late = numbers(dripped, start=RECIPIENTS)
+        async with fault_run(dsn, sim, tmp_path) as run:
+            webhooks = await run.start_webhooks()
+            t0 = time.monotonic()
+            worker = await run.start_worker("w1")
+            for n in range(DRIP_ROUNDS):
+                await _wait_nothing_open(conn, campaign_id, completed=n % 2 == 0)
+                for i in range(n * DRIP_PER_ROUND, (n + 1) * DRIP_PER_ROUND):
+                    await add_recipients(conn, campaign_id, [late[i]], [{"n": RECIPIENTS + i}])
+                    await asyncio.sleep(rnd.uniform(0.0, 0.008))
+            await finish(
+                run,
+                conn,
+                sim,
+                campaign_id,
+                fault="recipients inserted while the campaign completes",
+                started_at=t0,
+            )
+            await _wait_nothing_open(conn, campaign_id, completed=True)
+            assert worker.proc.returncode is None, worker.output()[-5000:]
+            completions = sum(
+                1
+                for e in webhooks.events()
+                if e["event"] == "campaign_completed" and e["campaign_id"] == campaign_id
+            )
+            # Completed before every even round and at the end: each even round reopened it.
+            assert completions >= DRIP_ROUNDS // 2 + 1, completions
+    finally:
+        await sim.close()
+
+
+async def _wait_nothing_open(
+    conn: asyncpg.Connection, campaign_id: int, *, completed: bool, timeout_s: float = 60.0
+) -> None:
+    """Until no recipient of the campaign is open (and, with `completed`, it is completed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = await conn.fetchrow(
+            "SELECT c.status, EXISTS (SELECT 1 FROM campaign.recipients r "
+            "WHERE r.campaign_id = c.id AND r.status IN ('pending', 'sending', 'queued', "
+            "'unknown')) AS open FROM campaign.campaigns c WHERE c.id = $1",
+            campaign_id,
+        )
+        if not row["open"] and (row["status"] == "completed" or not completed):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"campaign {campaign_id} still open after {timeout_s} s")

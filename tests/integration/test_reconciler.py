@@ -4,6 +4,7 @@ orphans, the report timeout, completion."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import asyncpg
 import pytest
@@ -63,6 +64,15 @@ PRECEDENCE = [
     pytest.param([("7208", 0)], ("expired", "7208"), id="expired"),
     pytest.param([("7102", 0)], ("failed", "7102"), id="other-code-failed"),
     pytest.param([("7501", 0), ("7501", 2), ("7208", 1)], ("expired", "7208"), id="mixed"),
+    # A report without a timestamp (None) never overrides one with a timestamp, whatever
+    # our clock says when it arrives; among reports without one, the later arrival wins.
+    pytest.param([("7201", 0), ("7500", None)], ("failed", "7201"), id="no-ts-never-overrides"),
+    pytest.param([("7500", None), ("7201", 0)], ("failed", "7201"), id="ts-overrides-no-ts"),
+    pytest.param([("7500", None), ("7201", None)], ("failed", "7201"), id="no-ts-arrival-order"),
+    pytest.param([("7201", None), ("7500", None)], ("delivered", "7500"), id="no-ts-arrival-2"),
+    pytest.param([("7501", None), ("7500", 0)], ("delivered", "7500"), id="no-ts-interim-then"),
+    pytest.param([("7500", None), ("7501", 5)], ("delivered", "7500"), id="no-ts-final-stays"),
+    pytest.param([("7501", 0), ("7501", None)], ("queued", "7501"), id="no-ts-interim"),
 ]
 
 
@@ -71,14 +81,14 @@ PRECEDENCE = [
 async def test_precedence_table(
     pool: asyncpg.Pool,
     conn: asyncpg.Connection,
-    sequence: list[tuple[str, int]],
+    sequence: list[tuple[str, int | None]],
     expected: tuple[str, str],
     one_pass: bool,
 ) -> None:
     _, (r,) = await seed_campaign(conn, ["queued"], campaign_status="paused")
     reconciler = make_reconciler(pool)
     for code, at in sequence:
-        await store_reports(conn, [dr(r["transid"], code, at=minutes(at))])
+        await store_reports(conn, [dr(r["transid"], code, at=None if at is None else minutes(at))])
         if not one_pass:
             await reconciler.run_once()
     await reconciler.run_once()
@@ -86,6 +96,13 @@ async def test_precedence_table(
     row = await recipient(conn, r["id"])
     assert (row["status"], row["dr_code"]) == expected
     assert all(state == "matched" for state, _ in await report_states(conn))
+    # dr_at is the winning report's own timestamp, never our clock.
+    winner = await conn.fetchval(
+        "SELECT reported_at FROM campaign.delivery_reports WHERE code = $1 "
+        "ORDER BY reported_at DESC NULLS LAST LIMIT 1",
+        expected[1],
+    )
+    assert row["dr_at"] == winner
 
 
 async def test_duplicates_are_stored_once_and_change_nothing(
@@ -479,3 +496,237 @@ async def test_a_backlog_is_matched_by_parallel_statements_each_report_once(
         )
         == 80
     )
+
+
+async def test_reports_with_only_a_correlation_id_are_each_stored_and_matched(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Four recipients' reports without a transid, two without a timestamp and two sharing
+    one: four different reports, none of them a duplicate of another."""
+    _, rows = await seed_campaign(conn, ["unknown"] * 4)
+    items = [
+        dr(None, "7500", correlation_id=r["correlation_id"], at=None if i < 2 else minutes(0))
+        for i, r in enumerate(rows)
+    ]
+    assert await store_reports(conn, items) == 4
+    # The platform retrying the same body stores nothing twice.
+    assert await store_reports(conn, items) == 0
+
+    await make_reconciler(pool).run_once()
+
+    for r in rows:
+        assert (await recipient(conn, r["id"]))["status"] == "delivered"
+    assert sorted(await report_states(conn)) == sorted(("matched", r["id"]) for r in rows)
+
+
+async def test_a_correlation_id_never_matches_a_recipient_that_was_never_posted(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Correlation ids (r<id>) repeat after a restore and across environments: a report
+    found by one alone cannot settle a recipient no request ever carried."""
+    _, (fresh, retried) = await seed_campaign(conn, ["pending", "pending"])
+    # `retried` was posted once (in doubt) and given back to be sent again.
+    await conn.execute("UPDATE campaign.recipients SET attempts = 1 WHERE id = $1", retried["id"])
+    await store_reports(
+        conn,
+        [
+            dr("T-elsewhere", "7500", correlation_id=fresh["correlation_id"]),
+            dr("T-first", "7500", correlation_id=retried["correlation_id"]),
+        ],
+    )
+
+    await make_reconciler(pool).run_once()
+
+    row = await recipient(conn, fresh["id"])
+    assert (row["status"], row["transid"], row["dr_code"]) == ("pending", None, None)
+    row = await recipient(conn, retried["id"])
+    assert (row["status"], row["transid"]) == ("delivered", "T-first")
+    assert await report_states(conn) == [("new", None), ("matched", retried["id"])]
+
+
+async def test_a_report_of_a_superseded_attempt_is_linked_but_changes_nothing(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Attempt 1 was in doubt and attempt 2 was accepted: attempt 1's reports, found by
+    correlation id, are kept and linked, and never touch attempt 2's status or dr_*."""
+    _, (done, waiting) = await seed_campaign(conn, ["queued", "queued"], campaign_status="paused")
+    for r in (done, waiting):
+        await conn.execute(
+            "UPDATE campaign.recipients SET transid = $2, attempts = 2 WHERE id = $1",
+            r["id"],
+            f"T2-{r['id']}",
+        )
+    reconciler = make_reconciler(pool)
+    await store_reports(
+        conn, [dr(f"T2-{done['id']}", "7500", correlation_id=done["correlation_id"], at=minutes(1))]
+    )
+    await reconciler.run_once()
+
+    await store_reports(
+        conn,
+        [
+            dr(f"T1-{done['id']}", "7208", correlation_id=done["correlation_id"], at=minutes(5)),
+            dr(f"T1-{waiting['id']}", "7500", correlation_id=waiting["correlation_id"]),
+        ],
+    )
+    await reconciler.run_once()
+
+    row = await recipient(conn, done["id"])
+    assert (row["status"], row["transid"], row["dr_code"], row["dr_at"]) == (
+        "delivered",
+        f"T2-{done['id']}",
+        "7500",
+        minutes(1),
+    )
+    row = await recipient(conn, waiting["id"])
+    assert (row["status"], row["transid"], row["dr_code"]) == (
+        "queued",
+        f"T2-{waiting['id']}",
+        None,
+    )
+    assert sorted(await report_states(conn)) == sorted(
+        [("matched", done["id"]), ("matched", done["id"]), ("matched", waiting["id"])]
+    )
+
+
+# Holds a completion statement after it took its snapshot and before it locks anything,
+# until the test releases the advisory lock: the window in which an insert can commit.
+PAUSE_KEY = 7301
+PAUSE_FUNCTION = f"""
+CREATE FUNCTION public.completion_pause() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_lock_shared({PAUSE_KEY});
+    PERFORM pg_advisory_unlock_shared({PAUSE_KEY});
+    RETURN true;
+END;
+$$
+"""
+
+
+def paused_queries(*names: str) -> dict[str, str]:
+    """The named queries, those in `names` (default: every completion statement) paused
+    where they test for a running campaign."""
+    queries = dict(db.load_queries())
+    marker = "c.status = 'running'"
+    for name, sql in queries.items():
+        chosen = name in names if names else name.startswith("reconcile_")
+        if chosen and marker in sql:
+            queries[name] = sql.replace(marker, f"{marker} AND public.completion_pause()", 1)
+    return queries
+
+
+async def wait_until(conn: asyncpg.Connection, sql: str, *args: object) -> None:
+    async with asyncio.timeout(30):
+        while not await conn.fetchval(sql, *args):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_recipient_inserted_while_the_campaign_completes_is_sent(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, dsn: str
+) -> None:
+    """The insert commits after the completer's snapshot and before its lock."""
+    campaign_id, _ = await seed_campaign(conn, ["delivered", "failed"])
+    await conn.execute(PAUSE_FUNCTION)
+    reconciler = Reconciler(
+        pool=pool, settings=ReconcilerSettings(interval_s=0.05), queries=paused_queries()
+    )
+    holder = await db.connect(dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", PAUSE_KEY)
+        completing = asyncio.create_task(reconciler.run_once())
+        await wait_until(
+            conn, "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+        late = await conn.fetchval(
+            "INSERT INTO campaign.recipients (campaign_id, msisdn) "
+            "VALUES ($1, '919810099999') RETURNING id",
+            campaign_id,
+        )
+        await holder.execute("SELECT pg_advisory_unlock($1)", PAUSE_KEY)
+        async with asyncio.timeout(30):
+            await completing
+    finally:
+        await holder.close()
+
+    status = await conn.fetchval("SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id)
+    assert (await recipient(conn, late))["status"] == "pending"
+    # A completed campaign is never looked at again by the producer: the row would be lost.
+    assert status == "running"
+
+
+@pytest.mark.parametrize("foreign_key", [True, False], ids=["with-fk", "without-fk"])
+async def test_a_recipient_inserted_after_the_completer_locked_reopens_the_campaign(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, dsn: str, foreign_key: bool
+) -> None:
+    """The completer holds the campaign and its fresh look found nothing open: the insert
+    waits for it, then reopens the campaign it completed. The foreign key check would wait
+    too; without it the trigger's own lock must."""
+    campaign_id, _ = await seed_campaign(conn, ["delivered"])
+    await conn.execute(PAUSE_FUNCTION)
+    if not foreign_key:
+        await conn.execute(
+            "ALTER TABLE campaign.recipients DROP CONSTRAINT recipients_campaign_id_fkey"
+        )
+    reconciler = Reconciler(
+        pool=pool,
+        settings=ReconcilerSettings(interval_s=0.05),
+        queries=paused_queries("reconcile_complete_campaigns"),
+    )
+    holder = await db.connect(dsn)
+    inserter = await db.connect(dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", PAUSE_KEY)
+        completing = asyncio.create_task(reconciler.run_once())
+        await wait_until(
+            conn, "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+        inserting = asyncio.create_task(
+            inserter.fetchval(
+                "INSERT INTO campaign.recipients (campaign_id, msisdn) "
+                "VALUES ($1, '919810099999') RETURNING id",
+                campaign_id,
+            )
+        )
+        pid = inserter.get_server_pid()
+        await wait_until(conn, "SELECT cardinality(pg_blocking_pids($1)) > 0", pid)
+        await holder.execute("SELECT pg_advisory_unlock($1)", PAUSE_KEY)
+        async with asyncio.timeout(30):
+            result = await completing
+            late = await inserting
+    finally:
+        await holder.close()
+        await inserter.close()
+
+    assert result.campaigns_completed == 1
+    campaign = await conn.fetchrow(
+        "SELECT status, completed_at FROM campaign.campaigns WHERE id = $1", campaign_id
+    )
+    assert (campaign["status"], campaign["completed_at"]) == ("running", None)
+    assert (await recipient(conn, late))["status"] == "pending"
+
+
+async def test_an_application_allowed_only_to_insert_recipients_reopens_a_completed_campaign(
+    conn: asyncpg.Connection,
+) -> None:
+    """The reopen trigger locks and updates campaigns as the schema's owner: inserting
+    recipients needs no privilege on campaign.campaigns."""
+    campaign_id, _ = await seed_campaign(conn, ["delivered"], campaign_status="completed")
+    role = f"campaign_inserter_{os.getpid()}"
+    await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+    await conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        await conn.execute(f'GRANT USAGE ON SCHEMA campaign TO "{role}"')
+        await conn.execute(f'GRANT INSERT ON campaign.recipients TO "{role}"')
+        async with conn.transaction():
+            await conn.execute(f'SET LOCAL ROLE "{role}"')
+            await conn.execute(
+                "INSERT INTO campaign.recipients (campaign_id, msisdn) VALUES ($1, '919810099999')",
+                campaign_id,
+            )
+        status = await conn.fetchval(
+            "SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id
+        )
+        assert status == "running"
+    finally:
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE "{role}"')

@@ -108,6 +108,16 @@ CASES = [
     ),
     ("[optout]\nstop_keywords = 'STOP'\n", "stop_keywords: expected a list of strings"),
     ("[database]\npool_min = 5\npool_max = 2\n", "pool_min: must not exceed pool_max"),
+    (
+        "[reconciler]\norphan_after_s = 100\n",
+        "[reconciler] orphan_after_s: 100 s must be longer than [producer] lease_s + "
+        "[api] timeout_s (130 s)",
+    ),
+    (
+        "[producer]\nlease_s = 3600\n",
+        "[reconciler] orphan_after_s: 3600 s must be longer than [producer] lease_s + "
+        "[api] timeout_s (3610 s)",
+    ),
     ("[api\n", "not valid TOML"),
     ("services = 3\n", "[services] must hold tables"),
 ]
