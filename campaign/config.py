@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class ApiSettings:
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     key: str = field(default="", metadata={"secret": True, "required": True})
+    # Empty: [api] base_url. Set for a service on another region's or tenant's endpoint.
+    base_url: str = ""
     sender_id: str = ""
     rate_per_s: float = 100.0
     batch_size: int = 1000
@@ -79,6 +82,8 @@ class WebhookSettings:
     allow_networks: tuple[str, ...] = ()
     group_max: int = 500
     store_timeout_s: float = 8.0
+    # The zone of report timestamps sent without an offset (an IANA name).
+    report_timezone: str = "UTC"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,12 +257,24 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
             raise ConfigError(f"{source}: {where} {name}: must be greater than 0")
     if cls is ServiceSettings and not 1 <= kwargs.get("batch_size", 1000) <= 1000:
         raise ConfigError(f"{source}: {where} batch_size: must be between 1 and 1000")
+    if cls is WebhookSettings and "report_timezone" in kwargs:
+        _check_timezone(kwargs["report_timezone"], source, where)
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
     for key, value in kwargs.items():
         if key.endswith("_days") and value < 0:
             raise ConfigError(f"{source}: {where} {key}: must not be negative (0 keeps forever)")
     return cls(**kwargs)
+
+
+def _check_timezone(name: str, source: str, where: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{source}: {where} report_timezone: {name!r} is not an IANA time zone name"
+            " (like 'UTC' or 'Asia/Kolkata')"
+        ) from None
 
 
 def _interpolate(value: Any, source: str, where: str, key: str) -> Any:

@@ -102,9 +102,29 @@ CASES = [
     ("[webhooks]\ntoken = ''\n", "[webhooks] token: missing"),
     ("[optout]\nstop_keywords = 'STOP'\n", "stop_keywords: expected a list of strings"),
     ("[database]\npool_min = 5\npool_max = 2\n", "pool_min: must not exceed pool_max"),
+    (
+        "[webhooks]\ntoken = 't'\nreport_timezone = 'Mars/Olympus'\n",
+        "[webhooks] report_timezone: 'Mars/Olympus' is not an IANA time zone name",
+    ),
+    ("[webhooks]\ntoken = 't'\nreport_timezone = '+05:30'\n", "report_timezone: '+05:30'"),
     ("[api\n", "not valid TOML"),
     ("services = 3\n", "[services] must hold tables"),
 ]
+
+
+def test_service_base_url_and_report_timezone(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "[api]\nbase_url = 'https://api.imiconnect.com'\n"
+        "[services.eu]\nkey = 'k1'\nbase_url = 'https://api.imiconnect.eu'\n"
+        "[services.plain]\nkey = 'k2'\n"
+        "[webhooks]\ntoken = 't'\nreport_timezone = 'Asia/Kolkata'\n",
+    )
+    settings = config.load(path)
+    assert settings.services["eu"].base_url == "https://api.imiconnect.eu"
+    assert settings.services["plain"].base_url == ""
+    assert settings.webhooks.report_timezone == "Asia/Kolkata"
+    assert config.WebhookSettings().report_timezone == "UTC"
 
 
 @pytest.mark.parametrize(("text", "message"), CASES)
