@@ -21,6 +21,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import zoneinfo
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -264,6 +265,8 @@ class WebhookServer:
         self._optout = optout
         self._queries = db.require(queries, QUERIES)
         self._token = settings.token.encode()
+        # Validated at config load: the zone of report timestamps sent without an offset.
+        self._report_zone = zoneinfo.ZoneInfo(settings.report_timezone)
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
         self.stats = WebhookStats()
         self._committer: GroupCommitter | None = None
@@ -399,7 +402,7 @@ class WebhookServer:
 
     async def _delivery_reports(self, request: web.Request, body: bytes) -> web.Response:
         self.stats.dr_requests += 1
-        parsed = reports.parse_delivery_reports(body)
+        parsed = reports.parse_delivery_reports(body, zone=self._report_zone)
         self.stats.reports_received += len(parsed)
         committer = self._committer
         if committer is None:
