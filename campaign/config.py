@@ -11,6 +11,7 @@ import re
 import tomllib
 import typing
 import urllib.parse
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class ApiSettings:
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     key: str = field(default="", metadata={"secret": True, "required": True})
+    # Empty: [api] base_url. Set for a service on another region's or tenant's endpoint.
+    base_url: str = ""
     sender_id: str = ""
     rate_per_s: float = 100.0
     batch_size: int = 1000
@@ -82,6 +85,8 @@ class WebhookSettings:
     store_timeout_s: float = 8.0
     read_timeout_s: float = 10.0
     keepalive_s: float = 75.0
+    # The zone of report timestamps sent without an offset (an IANA name).
+    report_timezone: str = "UTC"
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,12 +345,24 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
     token = kwargs.get("token")
     if cls is WebhookSettings and token and not _URL_SAFE_TOKEN.fullmatch(token):
         raise ConfigError(f"{source}: {where} token: {_URL_SAFE_HINT}")
+    if cls is WebhookSettings and "report_timezone" in kwargs:
+        _check_timezone(kwargs["report_timezone"], source, where)
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
     for key, value in kwargs.items():
         if key.endswith("_days") and value < 0:
             raise ConfigError(f"{source}: {where} {key}: must not be negative (0 keeps forever)")
     return cls(**kwargs)
+
+
+def _check_timezone(name: str, source: str, where: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{source}: {where} report_timezone: {name!r} is not an IANA time zone name"
+            " (like 'UTC' or 'Asia/Kolkata')"
+        ) from None
 
 
 def _interpolate(value: Any, source: str, where: str, key: str) -> Any:

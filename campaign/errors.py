@@ -17,11 +17,14 @@ from typing import Any, Literal
 
 import orjson
 
-Kind = Literal["ok", "retry", "in_doubt", "stop_service", "rejected"]
-DestinationKind = Literal["queued", "retry", "rejected"]
+Kind = Literal["ok", "retry", "in_doubt", "stop_service", "rejected", "expired"]
+DestinationKind = Literal["queued", "retry", "rejected", "expired"]
 
 QUEUED = "1001"
 RATE_LIMITED = "7020"
+# The request's `expiry` had passed when the platform read it: nothing was sent, and
+# nothing should be (the same end as a campaign that expired before its rows were sent).
+REQUEST_EXPIRED = "7005"
 # 7020: over the tenant's transaction rate; 7006: internal error, documented as intermittent.
 RETRY_CODES = frozenset({RATE_LIMITED, "7006"})
 # Bad, missing or inactive service key: every further request would fail the same way.
@@ -60,6 +63,8 @@ def destination_kind(code: str) -> DestinationKind:
         return "queued"
     if code in RETRY_CODES:
         return "retry"
+    if code == REQUEST_EXPIRED:
+        return "expired"
     return "rejected"
 
 
@@ -207,4 +212,6 @@ def _request_error(error: DestinationResult, *, retry_after_s: float | None = No
         return Outcome("stop_service", error.code, error.description)
     if error.code in RETRY_CODES:
         return Outcome("retry", error.code, error.description, retry_after_s=retry_after_s)
+    if error.code == REQUEST_EXPIRED:
+        return Outcome("expired", error.code, error.description)
     return Outcome("rejected", error.code, error.description)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -102,9 +102,13 @@ def is_final(code: str) -> bool:
     return status_for_code(code) != INTERIM
 
 
-def parse_delivery_reports(body: bytes) -> list[DeliveryReport]:
-    """One DR notification or a JSON array of them; all of them or ParseError."""
-    return _parse_all(body, _delivery_report)
+def parse_delivery_reports(body: bytes, *, zone: tzinfo = UTC) -> list[DeliveryReport]:
+    """One DR notification or a JSON array of them; all of them or ParseError.
+
+    `zone` is the zone of a `timeStamp` without an offset ([webhooks] report_timezone):
+    the documented sample has none, and a tenant outside UTC may send local time.
+    """
+    return _parse_all(body, lambda item: _delivery_report(item, zone))
 
 
 def parse_incoming_messages(body: bytes) -> list[IncomingMessage]:
@@ -212,7 +216,7 @@ def _items(body: bytes) -> list[Mapping[str, Any]]:
     return items
 
 
-def _delivery_report(item: Mapping[str, Any]) -> DeliveryReport:
+def _delivery_report(item: Mapping[str, Any], zone: tzinfo) -> DeliveryReport:
     top = _folded(item)
     notification = top.get("deliveryinfonotification")
     if not isinstance(notification, dict):
@@ -242,7 +246,7 @@ def _delivery_report(item: Mapping[str, Any]) -> DeliveryReport:
         delivery_status=_text(info.get("deliverystatus"), "deliveryStatus"),
         description=_text(info.get("description"), "description"),
         destination=_text(info.get("destination"), "destination"),
-        reported_at=_timestamp(info.get("timestamp"), "timeStamp"),
+        reported_at=_timestamp(info.get("timestamp"), "timeStamp", zone),
         callback_data=_text(pick("callbackdata"), "callbackData"),
         message_count=_count(pick("messagecount")),
         carrier=_loose_text(pick("carrier")),
@@ -301,8 +305,9 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def _timestamp(value: Any, name: str) -> datetime | None:
-    """ISO 8601 with or without an offset (none means UTC), or epoch seconds / milliseconds."""
+def _timestamp(value: Any, name: str, zone: tzinfo = UTC) -> datetime | None:
+    """ISO 8601 with or without an offset (none means `zone`), or epoch seconds /
+    milliseconds; returned in UTC."""
     if value is None or value == "":
         return None
     try:
@@ -315,7 +320,7 @@ def _timestamp(value: Any, name: str) -> datetime | None:
                 return _timestamp(int(text), name)
             parsed = datetime.fromisoformat(text)
             if parsed.tzinfo is None:
-                return parsed.replace(tzinfo=UTC)
+                parsed = parsed.replace(tzinfo=zone)
             return parsed.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         raise ParseError(f"{name}: not a timestamp: {str(value)[:64]!r}") from None

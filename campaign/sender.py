@@ -87,6 +87,9 @@ class Plan:
     error_messages: list[str | None] = field(default_factory=list)
     retry_in_s: list[float | None] = field(default_factory=list)
     attempts_added: list[int] = field(default_factory=list)
+    # Success items without a correlation id that could not be given to a recipient
+    # (the request had several destinations): logged once per request.
+    unmatched: list[errors.DestinationResult] = field(default_factory=list)
 
     def add(
         self,
@@ -146,6 +149,7 @@ async def write_results(
 _BATCH_STATUS: dict[errors.Kind, BatchStatus] = {
     "ok": "done",
     "rejected": "done",
+    "expired": "done",
     "retry": "retry",
     "in_doubt": "in_doubt",
     "stop_service": "released",
@@ -191,9 +195,15 @@ def plan_results(
 
     if outcome.kind == "ok":
         by_correlation: dict[str, errors.DestinationResult] = {}
+        uncorrelated = [r for r in outcome.results if r.correlation_id is None]
         for result in outcome.results:
             if result.correlation_id is not None:
                 by_correlation.setdefault(result.correlation_id, result)
+        if uncorrelated and batch.destinations == 1 and len(outcome.results) == 1:
+            # One destination, one item: the item is that destination's, whatever it lacks.
+            by_correlation[batch.correlation_ids[0]] = uncorrelated[0]
+        else:
+            plan.unmatched = uncorrelated
         for i, correlation_id in enumerate(batch.correlation_ids):
             found = by_correlation.get(correlation_id)
             if found is None:
@@ -202,6 +212,14 @@ def plan_results(
                 plan.add(batch.recipient_ids[i], "queued", transid=found.transid)
             elif found.kind == "retry":
                 retry(i, found.code, found.description)
+            elif found.kind == "expired":
+                plan.add(
+                    batch.recipient_ids[i],
+                    "expired",
+                    transid=found.transid,
+                    error_code=found.code,
+                    error_message=found.description,
+                )
             else:
                 plan.add(
                     batch.recipient_ids[i],
@@ -216,6 +234,9 @@ def plan_results(
             retry(i, outcome.code, outcome.description)
         elif outcome.kind == "in_doubt":
             in_doubt(i, outcome.code, outcome.description)
+        elif outcome.kind == "expired":
+            # 7005: the platform refused the request because its expiry had passed.
+            plan.add(rid, "expired", error_code=outcome.code, error_message=outcome.description)
         elif outcome.kind == "stop_service":
             # Nothing was sent: the recipients wait, attempts untouched, for a fixed key.
             plan.add(
@@ -257,7 +278,9 @@ class Sender:
         self._queries = db.require(queries, QUERIES)
         self._lane = lane
         self._session = session
-        self._url = api.base_url.rstrip("/") + MESSAGING_PATH
+        # A service's own base_url (another region or tenant) wins over [api] base_url.
+        base_url = lane.settings.base_url or api.base_url
+        self._url = base_url.rstrip("/") + MESSAGING_PATH
         self._timeout = aiohttp.ClientTimeout(total=api.timeout_s)
         # A request must never outlive its lease, or recovery could resend it mid-flight.
         self._posting_lease_s = producer.lease_s + api.timeout_s
@@ -416,6 +439,20 @@ class Sender:
             now=datetime.now(UTC),
         )
         await self._write(batch, plan, outcome, http_status, duration_ms, blog)
+        if plan.unmatched:
+            # The items hold code, description and transid only: no key can leak here.
+            first = plan.unmatched[0]
+            blog.warning(
+                "response_unmatched",
+                reason="success items without a correlation id in a multi-destination request",
+                unmatched=len(plan.unmatched),
+                destinations=batch.destinations,
+                item={
+                    "code": first.code,
+                    "description": first.description,
+                    "transid": first.transid,
+                },
+            )
 
         rate_limited = http_status == 429 or outcome.code == errors.RATE_LIMITED
         rate_limited |= any(r.code == errors.RATE_LIMITED for r in outcome.results)
@@ -426,7 +463,7 @@ class Sender:
 
         accepted, rejected = plan.count("queued"), plan.count("rejected")
         self._count(batch, outcome, plan, duration_ms)
-        if outcome.kind in ("ok", "rejected"):
+        if outcome.kind in ("ok", "rejected", "expired"):
             blog.info(
                 "batch_sent",
                 destinations=batch.destinations,

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import zoneinfo
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -270,6 +271,8 @@ class WebhookServer:
         self._regions = regions or reports.OptOutRegions()
         self._queries = db.require(queries, QUERIES)
         self._token = settings.token.encode()
+        # Validated at config load: the zone of report timestamps sent without an offset.
+        self._report_zone = zoneinfo.ZoneInfo(settings.report_timezone)
         self.stats = WebhookStats()
         # It also writes, rate-limited, every line a client can cause (wrong paths, tokens).
         self.guard = netguard.ConnectionGuard(
@@ -448,7 +451,7 @@ class WebhookServer:
 
     async def _delivery_reports(self, request: web.Request, body: bytes) -> web.Response:
         self.stats.dr_requests += 1
-        parsed = reports.parse_delivery_reports(body)
+        parsed = reports.parse_delivery_reports(body, zone=self._report_zone)
         self.stats.reports_received += len(parsed)
         committer = self._committer
         if committer is None:

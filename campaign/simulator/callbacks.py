@@ -7,6 +7,7 @@ import contextlib
 import heapq
 import math
 import time
+import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -117,11 +118,13 @@ class _Callbacks:
             by_url.setdefault(report.context.url, []).append(report)
         size = self._config.dr_batch_size
         extra = self._config.dr_extra_fields
+        zone_name = self._config.timestamp_zone
+        zone = None if zone_name == "UTC" else zoneinfo.ZoneInfo(zone_name)
         posts = []
         for url, group in by_url.items():
             for start in range(0, len(group), size):
                 chunk = group[start : start + size]
-                rendered = [render_report(r, extra_fields=extra) for r in chunk]
+                rendered = [render_report(r, extra_fields=extra, zone=zone) for r in chunk]
                 body = orjson.dumps(rendered[0] if size == 1 else rendered)
                 posts.append(_Post(url, body, tuple(r.code for r in chunk), "dr"))
         return posts

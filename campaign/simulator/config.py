@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from campaign.simulator.timestamps import _OFFSET
 REQUEST_FAULTS = (
     "http_500",
     "error_7006",
+    "error_7005",
+    "no_correlation_id",
     "slow_response",
     "drop_connection",
     "gateway_502",
@@ -75,6 +78,8 @@ class Faults:
 
     http_500: FaultSpec = FaultSpec()
     error_7006: FaultSpec = FaultSpec()
+    error_7005: FaultSpec = FaultSpec()
+    no_correlation_id: FaultSpec = FaultSpec()
     slow_response: FaultSpec = FaultSpec(delay_s=30.0)
     drop_connection: FaultSpec = FaultSpec()
     gateway_502: FaultSpec = FaultSpec()
@@ -145,6 +150,9 @@ class SimulatorConfig:
     callback_retry_interval_s: float = 60.0
     # Offset carried by timestamps when the timestamp_offset fault fires.
     timestamp_offset: str = "+05:30"
+    # IANA zone of report timestamps written without an offset: "UTC" is the documented
+    # form; another zone writes that zone's local time, still without an offset.
+    timestamp_zone: str = "UTC"
     # Incoming messages (MO) go here; `da` is the short code they were sent to.
     mo_url: str = ""
     mo_da: str = "12345"
@@ -241,6 +249,10 @@ def _check_config(c: SimulatorConfig) -> None:
             raise bad("dr_codes_by_msisdn", f"{msisdn}: {code!r} is not a final report code")
     if not _OFFSET.fullmatch(c.timestamp_offset):
         raise bad("timestamp_offset", "expected an offset like +05:30 or -03:00")
+    try:
+        zoneinfo.ZoneInfo(c.timestamp_zone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise bad("timestamp_zone", f"{c.timestamp_zone!r} is not an IANA time zone name") from None
     if c.mo_url and not c.mo_url.startswith(("http://", "https://")):
         raise bad("mo_url", "must be an http:// or https:// URL")
     if c.default_notify_url and not c.default_notify_url.startswith(("http://", "https://")):

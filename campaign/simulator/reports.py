@@ -6,6 +6,7 @@ import itertools
 import random
 import time
 import uuid
+from datetime import tzinfo
 from typing import Any, NamedTuple
 
 from campaign.simulator.api import DR_CODES, INTERIM_CODE
@@ -31,8 +32,11 @@ class _Report(NamedTuple):
     with_transid: bool = True
 
 
-def render_report(report: _Report, *, extra_fields: bool) -> dict[str, Any]:
-    """A report in the documented `deliveryInfoNotification` shape."""
+def render_report(
+    report: _Report, *, extra_fields: bool, zone: tzinfo | None = None
+) -> dict[str, Any]:
+    """A report in the documented `deliveryInfoNotification` shape; an offset-less
+    timestamp is written in `zone` (None: UTC)."""
     status, description = DR_CODES[report.code]
     info: dict[str, Any] = {
         "deliveryChannel": "SMS",
@@ -40,7 +44,7 @@ def render_report(report: _Report, *, extra_fields: bool) -> dict[str, Any]:
         "destinationType": "msisdn",
     }
     if report.offset is not None:
-        info["timeStamp"] = format_timestamp(report.event_at, report.offset)
+        info["timeStamp"] = format_timestamp(report.event_at, report.offset, zone=zone)
     info["code"] = report.code
     info["deliveryStatus"] = status
     info["destination"] = report.msisdn

@@ -205,6 +205,9 @@ class Simulator:
         if self._fires(faults.error_7006, request_no, elapsed):
             stats.faults.add("error_7006")
             return self._reject(key_stats, "7006", "Internal error", body)
+        if self._fires(faults.error_7005, request_no, elapsed):
+            stats.faults.add("error_7005")
+            return self._reject(key_stats, "7005", "Request expired", body)
 
         try:
             data = orjson.loads(body)
@@ -242,7 +245,10 @@ class Simulator:
             elapsed=elapsed,
             immediate=before_response,
         )
-        results = self._accept(key_stats, plans, valid, now, planner)
+        correlate = not self._fires(faults.no_correlation_id, request_no, elapsed)
+        if not correlate:
+            stats.faults.add("no_correlation_id")
+        results = self._accept(key_stats, plans, valid, now, planner, correlate=correlate)
         immediate = self._schedule_reports(planner, now)
         payload = orjson.dumps({"response": results})
         stats.requests_by_result.add("1001")
@@ -277,8 +283,11 @@ class Simulator:
         valid: int,
         now: float,
         planner: _ReportPlanner,
+        *,
+        correlate: bool = True,
     ) -> list[dict[str, str]]:
-        """Issue transids, count, and plan reports; returns the per-destination results."""
+        """Issue transids, count, and plan reports; returns the per-destination results
+        (success items without their correlationid when not `correlate`)."""
         stats = self._stats
         config = self.config
         description = config.queued_description
@@ -305,7 +314,7 @@ class Simulator:
                     append(item)
                     stats.destination_rejected(key_stats, "7004")
                     continue
-                if correlation is None:
+                if correlation is None or not correlate:
                     append({"code": "1001", "description": description, "transid": transid})
                 else:
                     append(
@@ -316,6 +325,7 @@ class Simulator:
                             "correlationid": correlation,
                         }
                     )
+                if correlation is not None:
                     seen = correlation_counts.get(correlation, 0)
                     correlation_counts[correlation] = seen + 1
                     duplicate_correlations += seen == 1

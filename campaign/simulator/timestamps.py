@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 _OFFSET = re.compile(r"([+-])(\d{1,2}):?(\d{2})")
 _EXPIRY = re.compile(
@@ -29,9 +29,16 @@ def _second_text(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
-def format_timestamp(epoch_s: float, offset: str = "") -> str:
-    """`2016-07-20T17:13:17.908` in UTC, or local to `offset` with the offset appended."""
-    shift, suffix = _offset_parts(offset) if offset else (0, "")
+def format_timestamp(epoch_s: float, offset: str = "", *, zone: tzinfo | None = None) -> str:
+    """`2016-07-20T17:13:17.908` in UTC, or local to `offset` with the offset appended, or
+    (no offset given) local to `zone` without one, as a tenant outside UTC may send."""
+    if offset:
+        shift, suffix = _offset_parts(offset)
+    elif zone is not None:
+        local = datetime.fromtimestamp(epoch_s, zone).utcoffset()
+        shift, suffix = (int(local.total_seconds()) if local else 0), ""
+    else:
+        shift, suffix = 0, ""
     second, millis = divmod(round((epoch_s + shift) * 1000), 1000)
     return f"{_second_text(second)}.{millis:03d}{suffix}"
 

@@ -38,7 +38,7 @@ def results(*codes: str) -> bytes:
         (200, api_error("7000"), True, "rejected", "7000"),
         (200, api_error("7003"), True, "rejected", "7003"),
         (200, api_error("7004"), True, "rejected", "7004"),
-        (200, api_error("7005"), True, "rejected", "7005"),
+        (200, api_error("7005"), True, "expired", "7005"),
         (200, api_error("7009"), True, "rejected", "7009"),
         (200, api_error("7108"), True, "rejected", "7108"),
         (200, api_error("7200"), True, "rejected", "7200"),
@@ -187,3 +187,10 @@ def test_parse_response_raises_only_response_error(value: object) -> None:
         return
     items = parsed if isinstance(parsed, list) else [parsed]
     assert all(isinstance(r, errors.DestinationResult) and r.code for r in items)
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_7005_request_expired_is_expired_not_rejected(status: int) -> None:
+    outcome = classify(status, api_error("7005", "Request expired"), body_sent=True)
+    assert (outcome.kind, outcome.code) == ("expired", "7005")
+    assert errors.destination_kind("7005") == "expired"

@@ -118,9 +118,29 @@ CASES = [
         "[reconciler] orphan_after_s: 3600 s must be longer than [producer] lease_s + "
         "[api] timeout_s (3610 s)",
     ),
+    (
+        "[webhooks]\ntoken = 't'\nreport_timezone = 'Mars/Olympus'\n",
+        "[webhooks] report_timezone: 'Mars/Olympus' is not an IANA time zone name",
+    ),
+    ("[webhooks]\ntoken = 't'\nreport_timezone = '+05:30'\n", "report_timezone: '+05:30'"),
     ("[api\n", "not valid TOML"),
     ("services = 3\n", "[services] must hold tables"),
 ]
+
+
+def test_service_base_url_and_report_timezone(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "[api]\nbase_url = 'https://api.imiconnect.com'\n"
+        "[services.eu]\nkey = 'k1'\nbase_url = 'https://api.imiconnect.eu'\n"
+        "[services.plain]\nkey = 'k2'\n"
+        "[webhooks]\ntoken = 't'\nreport_timezone = 'Asia/Kolkata'\n",
+    )
+    settings = config.load(path)
+    assert settings.services["eu"].base_url == "https://api.imiconnect.eu"
+    assert settings.services["plain"].base_url == ""
+    assert settings.webhooks.report_timezone == "Asia/Kolkata"
+    assert config.WebhookSettings().report_timezone == "UTC"
 
 
 @pytest.mark.parametrize(("text", "message"), CASES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zoneinfo
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -85,6 +86,22 @@ def test_timestamp_forms(value: object, expected: datetime) -> None:
     (report,) = reports.parse_delivery_reports(orjson.dumps(dr("t", at=None, timeStamp=value)))
     assert report.reported_at == expected
     assert report.reported_at is not None and report.reported_at.utcoffset() == timedelta(0)
+
+
+def test_report_timezone_applies_only_to_timestamps_without_an_offset() -> None:
+    kolkata = zoneinfo.ZoneInfo("Asia/Kolkata")
+    plain = orjson.dumps(dr("t", at="2016-07-20T17:13:17.908"))
+    (report,) = reports.parse_delivery_reports(plain, zone=kolkata)
+    assert report.reported_at == datetime(2016, 7, 20, 11, 43, 17, 908000, tzinfo=UTC)
+    (default,) = reports.parse_delivery_reports(plain)
+    assert default.reported_at == datetime(2016, 7, 20, 17, 13, 17, 908000, tzinfo=UTC)
+    # An offset, or Z, or epoch numbers say their zone themselves.
+    for value in ("2016-07-20T17:13:17.908Z", "2016-07-20T17:13:17.908+00:00", 1469035397908):
+        body = orjson.dumps(dr("t", at=None, timeStamp=value))
+        (report,) = reports.parse_delivery_reports(body, zone=kolkata)
+        assert report.reported_at is not None
+        assert report.reported_at.utcoffset() == timedelta(0)
+        assert report.reported_at.minute != 43, "an explicit zone was read as report_timezone"
 
 
 def test_informational_fields_with_odd_values_are_dropped_not_refused() -> None:

@@ -181,3 +181,32 @@ def test_a_batch_cut_to_fewer_recipients_carries_only_them() -> None:
             whole.first(count)
     with pytest.raises(ValueError):
         batch(4).first(2)  # no destinations to build a body from
+
+
+def test_7005_expires_every_recipient_with_the_code() -> None:
+    outcome = errors.Outcome("expired", "7005", "Request expired")
+    p = plan(batch(2), outcome)
+    assert p.batch_status == "done"
+    assert p.statuses == ["expired", "expired"]
+    assert p.error_codes == ["7005", "7005"]
+    per_destination = errors.Outcome("ok", "1001", "results", results=(result("7005", "c0"),))
+    assert plan(batch(1), per_destination).statuses == ["expired"]
+
+
+def test_one_destination_takes_the_single_item_without_a_correlation_id() -> None:
+    outcome = errors.Outcome("ok", "1001", "results", results=(result("1001", None, "t0"),))
+    p = plan(batch(1), outcome)
+    assert (p.statuses, p.transids, p.unmatched) == (["queued"], ["t0"], [])
+
+
+def test_several_destinations_without_correlation_ids_stay_in_doubt_and_are_reported() -> None:
+    items = (result("1001", None, "t0"), result("1001", None, "t1"))
+    p = plan(batch(2), errors.Outcome("ok", "1001", "results", results=items))
+    assert p.statuses == ["unknown", "unknown"]
+    assert p.error_codes == ["no_result", "no_result"]
+    assert p.unmatched == list(items)
+    # A matched answer reports nothing.
+    matched = plan(
+        batch(1), errors.Outcome("ok", "1001", "results", results=(result("1001", "c0"),))
+    )
+    assert matched.unmatched == []
