@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from campaign import codes, config, db
+from campaign import codes, config, db, fleet
 from campaign.statuses import RECIPIENT_STATUSES, UNSENT
 
 STATUSES = RECIPIENT_STATUSES
@@ -32,8 +32,6 @@ QUERIES = (
 # Statuses whose reasons are worth listing, and how many reasons are shown.
 EXPLAINED = ("invalid", "failed", "rejected", "expired")
 TOP_REASONS = 5
-# A sending worker is alive while its heartbeat is younger than this (fleet.DEAD_AFTER_S).
-LIVE_WORKER_S = 3.0
 # Campaign states in which nothing will be sent any more: --watch ends on them.
 FINISHED = ("completed", "cancelled")
 # A campaign with at least this share of invalid recipients gets a warning.
@@ -106,7 +104,9 @@ async def _one(conn: db.Connection, queries: Mapping[str, str], row: Any) -> Cam
     ]
     warnings: list[str] = []
     if state in ("ready", "running") and unsent:
-        live = await conn.fetchval(queries["status_live_senders"], row["service"], LIVE_WORKER_S)
+        live = await conn.fetchval(
+            queries["status_live_senders"], row["service"], fleet.DEAD_AFTER_S
+        )
         if not live:
             warnings.append(
                 f"no live worker sends for service {row['service']!r}: start one whose "
