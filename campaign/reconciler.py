@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from campaign import db, reports, statuses
+from campaign import codes, db, reports, statuses
 from campaign.aio import sleep_or_stop
 from campaign.config import ReconcilerSettings
 
@@ -93,8 +93,10 @@ class Reconciler:
         self._pool = pool
         self._settings = settings
         self._queries = db.require(queries, QUERIES)
-        self._codes = list(reports.CODE_STATUS)
-        self._statuses = list(reports.CODE_STATUS.values())
+        # Every documented report code, with the status it leads to and its meaning.
+        self._codes = sorted(set(reports.CODE_STATUS) | set(codes.REPORT_CODES))
+        self._statuses = [reports.status_for_code(code) for code in self._codes]
+        self._meanings = [codes.meaning(code) for code in self._codes]
         # Keyset cursor over new reports; back to 0 after a pass that was not full.
         self._after_id = 0
         self._last_sweep = -float("inf")
@@ -188,6 +190,7 @@ class Reconciler:
                     s.batch_size,
                     self._codes,
                     self._statuses,
+                    self._meanings,
                     reports.OTHER_CODE_STATUS,
                     timeout=STEP_TIMEOUT_S,
                 )
