@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from campaign import db, reports, statuses
+from campaign import db, metrics, reports, statuses
 from campaign.aio import sleep_or_stop
 from campaign.config import ReconcilerSettings
 
@@ -194,6 +194,9 @@ class Reconciler:
         finally:
             await self._pool.release(conn)
         assert match is not None
+        metrics.count_final(dict(match["finals"]))
+        for delay_s in match["delays_s"]:
+            metrics.REPORT_DELAY_SECONDS.observe(delay_s)
         return match
 
     async def _sweep(
@@ -225,6 +228,7 @@ class Reconciler:
                 s.batch_size,
                 timeout=STEP_TIMEOUT_S,
             )
+        metrics.count_final({"failed": sum(int(row["recipients"]) for row in timed_out)})
         for row in timed_out:
             log.warning(
                 "reports_timed_out",
