@@ -33,6 +33,8 @@ MAX_POINTS = 120
 # Reasons (status, code) listed at most per campaign.
 MAX_REASONS = 20
 PERCENTILES = ("p50", "p90", "p95", "p99")
+# The rate is measured over this much of the recent past (the query's last minute).
+RATE_WINDOW_S = 60.0
 # Final statuses that are not the goal: their reasons are the failures table.
 NOT_DELIVERED = tuple(s for s in statuses.FINAL if s != "delivered")
 # Campaign states in which nothing will be sent any more.
@@ -52,14 +54,26 @@ def _ordered_counts(raw: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
+def _sent_per_s(row: db.Record) -> float | None:
+    """Accepted per second over the last minute (or since the start, if sooner); None once
+    the campaign is finished (nothing more will be sent)."""
+    if row["status"] in FINISHED:
+        return None
+    window_s = RATE_WINDOW_S
+    if row["started_at"] is not None:
+        since_s = (row["now"] - row["started_at"]).total_seconds()
+        window_s = min(window_s, max(since_s, 1.0))
+    return round(int(row["sent_last_minute"]) / window_s, 2)
+
+
 def _summary(row: db.Record) -> dict[str, Any]:
     counts = _ordered_counts(row["counts"])
     total = sum(counts.values())
     final = sum(n for s, n in counts.items() if s in statuses.FINAL)
     unsent = sum(counts.get(s, 0) for s in statuses.UNSENT)
-    sent_per_s = round(int(row["sent_last_minute"]) / 60.0, 2)
+    sent_per_s = _sent_per_s(row)
     eta_s = None
-    if row["status"] == "running" and sent_per_s > 0:
+    if row["status"] == "running" and sent_per_s:
         eta_s = round(unsent / sent_per_s, 1)
     return {
         "id": int(row["id"]),

@@ -81,7 +81,7 @@ async def test_the_dashboard_follows_a_campaign_in_chromium(
     async with browser(tmp_path) as page:
         await page.goto(url + "/")
         # Before sending: the campaign is listed, a draft, nothing final.
-        await page.wait_for(f"document.querySelector('#campaigns tr[data-id=\"{cid}\"]')")
+        await page.wait_for(f"document.querySelector('#campaigns tr[data-id=\"{cid}\"]') !== null")
         name = await page.evaluate(
             f"document.querySelector('#campaigns tr[data-id=\"{cid}\"] .name').textContent"
         )

@@ -301,3 +301,28 @@ async def test_incoming_messages_are_not_counted_as_reports(
         assert (reports(), incoming()) == (reports_before, incoming_before + 1)
         await post_dr()
         assert (reports(), incoming()) == (reports_before + 1, incoming_before + 1)
+
+
+async def test_the_rate_is_over_the_time_since_the_start_and_none_once_finished(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    young = await create_campaign(conn, name="young", status="running")
+    done = await create_campaign(conn, name="done", status="running")
+    for cid, started in ((young, dt.timedelta(seconds=10)), (done, dt.timedelta(seconds=50))):
+        await conn.execute(
+            "UPDATE campaign.campaigns SET started_at = now() - $2::interval WHERE id = $1",
+            cid,
+            started,
+        )
+        ids = await add_recipients(conn, cid, numbers(20, start=cid * 100), status="delivered")
+        await conn.execute(
+            "UPDATE campaign.recipients SET sent_at = now() WHERE id = ANY($1::bigint[])", ids
+        )
+    # Completed last: recipients added to a completed campaign reopen it.
+    await conn.execute("UPDATE campaign.campaigns SET status = 'completed' WHERE id = $1", done)
+    async with ops_server(pool) as server:
+        _, body = await get_json(http, f"{server.url}/api/campaigns")
+    rates = {c["name"]: c["sent_per_s"] for c in body["campaigns"]}
+    # 20 in the 10 s since the start (not spread over a minute); a finished one sends no more.
+    assert rates["done"] is None
+    assert 20 / 11 <= rates["young"] <= 20 / 10
