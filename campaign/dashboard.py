@@ -152,8 +152,8 @@ async def _series(
         return {"start": None, "bucket_s": None, "points": []}
     end: dt.datetime = row["now"]
     if row["status"] in FINISHED and row["completed_at"] is not None:
-        # Reports may still arrive after completion: leave a little room for them.
-        end = min(end, max(row["completed_at"], start) + dt.timedelta(minutes=5))
+        # Complete means every recipient final: the last report came before this.
+        end = min(end, max(row["completed_at"], start + dt.timedelta(seconds=1)))
     span_s = max((end - start).total_seconds(), 1.0)
     bucket_s = max(1, math.ceil(span_s / MAX_POINTS))
     buckets = min(MAX_POINTS, math.ceil(span_s / bucket_s))
