@@ -9,6 +9,7 @@ stops a worker at once with one line and exit 2.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -160,3 +161,33 @@ async def test_a_malformed_ops_listen_is_refused(
     worker = await campaign_process.run("worker", "--ops-listen", "9100", config=cfg, dsn=dsn)
     assert worker.returncode == 2
     assert "--ops-listen: '9100' is not HOST:PORT" in worker.log()
+
+
+async def test_report_writes_json_or_one_self_contained_html_file(
+    conn: asyncpg.Connection, dsn: str, tmp_path: Path, campaign_process: Processes
+) -> None:
+    cfg = write_config(tmp_path / "c.toml")
+    campaign_id = await campaign_with_recipients(conn, 5, name="</script><b>x</b>")
+    out = await campaign_process.run("report", str(campaign_id), config=cfg, dsn=dsn)
+    assert out.returncode == 0, out.output()
+    detail = json.loads(out.stdout())
+    assert detail["id"] == campaign_id and detail["counts"]["pending"] == 5
+
+    html = tmp_path / "report.html"
+    out = await campaign_process.run(
+        "report", str(campaign_id), "--html", str(html), config=cfg, dsn=dsn
+    )
+    assert out.returncode == 0, out.output()
+    text = html.read_text(encoding="utf-8")
+    # The figures inside, the name unable to end the script element early.
+    assert '<script id="campaign-data" type="application/json">' in text
+    assert "</script><b>" not in text
+    embedded = text.split('<script id="campaign-data" type="application/json">')[1]
+    data = json.loads(embedded.split("</script>")[0].replace("<\\/", "</"))
+    assert data["name"] == "</script><b>x</b>" and data["total"] == 5
+    # Self-contained: nothing to load from anywhere.
+    assert "https://" not in text and "<script src" not in text
+
+    missing = await campaign_process.run("report", "999999", config=cfg, dsn=dsn)
+    assert missing.returncode == 2
+    assert "campaign 999999: not found" in missing.log()
