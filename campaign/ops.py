@@ -41,6 +41,12 @@ COOKIE = "campaign_ops"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/login"})
 # Answered 503: the database is down or too slow for now.
 _UNAVAILABLE: tuple[type[Exception], ...] = (TimeoutError, *db.UNAVAILABLE_ERRORS)
+# The page loads nothing from anywhere: its own inline script and style, its own API.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
 # A probe that has not answered by now counts as failed.
 PROBE_TIMEOUT_S = 5.0
 
@@ -164,7 +170,11 @@ class OpsServer:
 
     async def _login_form(self, request: web.Request) -> web.Response:
         failed = request.query.get("failed") == "1"
-        return web.Response(text=_login_html(failed), content_type="text/html")
+        return web.Response(
+            text=_login_html(failed),
+            content_type="text/html",
+            headers={"Content-Security-Policy": PAGE_POLICY},
+        )
 
     async def _login(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -220,7 +230,11 @@ class OpsServer:
     # --- dashboard ------------------------------------------------------------------
 
     async def _page(self, request: web.Request) -> web.Response:
-        return web.Response(text=dashboard.page(), content_type="text/html")
+        return web.Response(
+            text=dashboard.page(),
+            content_type="text/html",
+            headers={"Content-Security-Policy": PAGE_POLICY},
+        )
 
     async def _api_campaigns(self, request: web.Request) -> web.Response:
         return await self._read(lambda conn: dashboard.campaigns(conn, self._queries))

@@ -232,6 +232,7 @@ async def test_the_page_is_served_without_a_token_when_none_is_set(
     async with ops_server(pool) as server, http.get(f"{server.url}/") as resp:
         text = await resp.text()
     assert resp.status == 200 and resp.content_type == "text/html"
+    assert resp.headers["Content-Security-Policy"] == ops.PAGE_POLICY
     # One static page: nothing loaded from another host.
     assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
     assert "https://" not in text and "<script src" not in text
