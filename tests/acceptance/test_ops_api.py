@@ -15,7 +15,10 @@ import orjson
 import pytest
 
 from campaign import codes, config, db, metrics, ops, statuses
+from tests.helpers.fake_api import FakeApi
+from tests.helpers.proc import SERVICE_KEY
 from tests.helpers.seed import add_recipients, create_campaign, numbers
+from tests.helpers.sending import drain, make_settings
 from tests.helpers.webhooks import TOKEN, dr, mo, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -327,3 +330,27 @@ async def test_the_rate_is_over_the_time_since_the_start_and_none_once_finished(
     # 20 in the 10 s since the start (not spread over a minute); a finished one sends no more.
     assert rates["done"] is None
     assert 20 / 11 <= rates["young"] <= 20 / 10
+
+
+async def test_the_sender_and_the_producer_count_final_statuses(
+    conn: asyncpg.Connection, dsn: str
+) -> None:
+    def finals() -> dict[str, float]:
+        return {
+            s: metrics.FINAL_STATUSES.labels(s)._value.get()
+            for s in ("rejected", "invalid", "queued")
+        }
+
+    def destinations(outcome: str) -> float:
+        return float(metrics.DESTINATIONS.labels("default", outcome)._value.get())
+
+    async with FakeApi(key=SERVICE_KEY) as api:
+        api.reject_msisdns = {"919800000001": "7004"}
+        cid = await create_campaign(conn)
+        await add_recipients(conn, cid, [*numbers(3), "12"])
+        before, queued_before = finals(), destinations("queued")
+        assert await drain(make_settings(api.base_url), dsn) == 0
+    after = finals()
+    # One rejected by the API, one invalid number; accepted ones are not final.
+    assert {s: after[s] - before[s] for s in after} == {"rejected": 1, "invalid": 1, "queued": 0}
+    assert destinations("queued") - queued_before == 2
