@@ -6,6 +6,9 @@ loudly with a non-zero exit. Each role can be switched off (`Roles`) to run them
 Stopping (SIGTERM / SIGINT, or drain mode running out of work) stops claiming at once,
 lets requests in flight finish within `shutdown_grace_s`, writes their results, gives the
 unsent batches back, and only then stops the receiver, so reports keep landing meanwhile.
+The `worker` and `webhooks` commands also serve the ops address (campaign/ops.py): bound
+first, so a taken port stops the process before it starts anything, and stopped last; the
+worker answers its probes (its stats loop turning, its roles started).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from campaign import codes, config, db, metrics, ops, statuses
+from campaign.worker import Roles, Worker
 from tests.helpers.fake_api import FakeApi
 from tests.helpers.proc import SERVICE_KEY
 from tests.helpers.seed import add_recipients, create_campaign, numbers
@@ -354,3 +356,23 @@ async def test_the_sender_and_the_producer_count_final_statuses(
     # One rejected by the API, one invalid number; accepted ones are not final.
     assert {s: after[s] - before[s] for s in after} == {"rejected": 1, "invalid": 1, "queued": 0}
     assert destinations("queued") - queued_before == 2
+
+
+async def test_worker_probes_follow_its_loop_and_roles() -> None:
+    settings = make_settings("http://127.0.0.1:9")
+    worker = Worker(settings=settings, dsn="unused", roles=Roles(webhooks=False), serve_ops=True)
+    assert worker.ops is not None
+    assert await worker.liveness() == ops.Check(True, {"phase": "starting"})
+    worker._last_turn = time.monotonic()
+    assert (await worker.liveness()).ok
+    # Silent past three stats intervals and 30 s: the loops no longer turn.
+    worker._last_turn = time.monotonic() - (3 * settings.worker.stats_interval_s + 31.0)
+    dead = await worker.liveness()
+    assert not dead.ok and dead.detail["phase"] == "running"
+    ready = await worker.roles_started()
+    assert not ready.ok and ready.detail["roles_starting"] == ["reconciler", "sender"]
+    worker._role_started("reconciler")
+    worker._role_started("sender")
+    assert (await worker.roles_started()).ok
+    worker.request_stop()
+    assert await worker.liveness() == ops.Check(True, {"phase": "stopping"})
