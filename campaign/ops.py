@@ -29,7 +29,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from campaign import config, dashboard, db, metrics
+from campaign import config, dashboard, db, logs, metrics
 from campaign.config import OpsSettings
 from campaign.netaddr import parse_listen
 
@@ -82,6 +82,7 @@ class OpsServer:
         self._pool: db.Pool | None = None
         self._queries: Mapping[str, str] = db.require(db.load_queries(), QUERIES)
         self._runner: web.AppRunner | None = None
+        self._throttle = logs.LogThrottle()
         self.port = 0
         self.url = ""
 
@@ -181,7 +182,10 @@ class OpsServer:
         given = str(form.get("token", ""))
         token = self._settings.token
         if not token or not hmac.compare_digest(given.encode(), token.encode()):
-            log.warning("ops_login_refused", remote=request.remote)
+            # A line a client can cause: rate-limited, like the receiver's.
+            dropped = self._throttle.allow("ops_login_refused")
+            if dropped is not None:
+                log.warning("ops_login_refused", remote=request.remote, suppressed=dropped)
             raise web.HTTPSeeOther("/login?failed=1")
         response = web.HTTPSeeOther("/")
         response.set_cookie(
