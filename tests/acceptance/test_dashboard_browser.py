@@ -100,7 +100,10 @@ async def test_the_dashboard_follows_a_campaign_in_chromium(
 """)
         first = await page.wait_for(progress, timeout_s=120)
         updates = int(await page.evaluate("document.body.dataset.updates"))
-        await page.wait_for(f"({progress}) > {first}", timeout_s=120)
+        # Later: more final (completed by then counts too: 1 > first).
+        row = f"document.querySelector('#campaigns tr[data-id=\"{cid}\"]')"
+        shown = f"Number({row}.querySelector('.progress').dataset.value)"
+        await page.wait_for(f"{shown} > {first}", timeout_s=120)
         assert int(await page.evaluate("document.body.dataset.updates")) > updates
         await page.screenshot(tmp_path / "dashboard-running.png")
 
