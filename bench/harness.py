@@ -355,6 +355,9 @@ def write_config(path: Path, *, base_url: str, webhooks_port: int) -> Path:
         f'listen = "127.0.0.1:{webhooks_port}"',
         f'public_url = "http://127.0.0.1:{webhooks_port}"',
         f'token = "{WEBHOOK_TOKEN}"',
+        # A free ops port each: benches run beside other workers on this host.
+        "[ops]",
+        'listen = "127.0.0.1:0"',
         "[logging]",
         'format = "json"',
         'level = "info"',

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from campaign import __version__, config, db, logs, worker
-from campaign.commands import control, demo, importer, prune, status
+from campaign.commands import control, demo, importer, prune, report, status
 from campaign.simulator import cmd_simulate
 
 log = structlog.get_logger("campaign.cli")
@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub,
+        "report",
+        "one campaign's dashboard figures as JSON, or as one HTML file",
+        "The figures of the dashboard for one campaign (funnel, sends and reports per\n"
+        "second, report delay percentiles, failures by code). --html FILE writes them as\n"
+        "one self-contained page to send to stakeholders; without it, JSON on stdout.",
+    )
+    p.add_argument("campaign_id", type=int, help="the campaign's id")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report here")
+    p.set_defaults(handler=report.cmd_report)
+
+    p = _command(
+        sub,
         "prune",
         "delete rows past the [retention] settings, in small chunks",
         "Delete finished campaigns, reports, batches, incoming messages and rejects older\n"
@@ -169,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-reconciler", action="store_true", help="do not match reports (another process does)"
     )
+    p.add_argument("--ops-listen", metavar="HOST:PORT", help="override [ops] listen")
     p.set_defaults(handler=worker.cmd_worker)
 
     p = _command(
@@ -179,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "that matches reports to recipients; no sending (see docs/webhooks.md).",
     )
     p.add_argument("--listen", metavar="HOST:PORT", help="override [webhooks] listen")
+    p.add_argument("--ops-listen", metavar="HOST:PORT", help="override [ops] listen")
     p.set_defaults(handler=worker.cmd_webhooks)
 
     p = _command(

@@ -112,6 +112,17 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OpsSettings:
+    """The ops address of every worker and receiver: /metrics, /healthz, /readyz, dashboard."""
+
+    listen: str = "127.0.0.1:9100"
+    # Set: the dashboard page and its JSON API need it (bearer header or the login form).
+    token: str = field(default="", metadata={"secret": True})
+    # How often the dashboard page fetches new numbers.
+    refresh_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionSettings:
     """What `campaign prune` deletes: rows older than so many days; 0 keeps them forever."""
 
@@ -141,6 +152,7 @@ class Settings:
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
+    ops: OpsSettings = OpsSettings()
     source: str = "<defaults>"
 
     @property
@@ -150,7 +162,7 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log redaction."""
-        values = [self.webhooks.token, self.webhooks.hmac_secret]
+        values = [self.webhooks.token, self.webhooks.hmac_secret, self.ops.token]
         values += [s.key for s in self.services.values()]
         values += dsn_passwords(self.database_dsn)
         return [v for v in values if v]
@@ -249,6 +261,7 @@ _POSITIVE = {
     "backoff_base_s",
     "backoff_max_s",
     "recovery_interval_s",
+    "refresh_s",
 }
 
 
@@ -347,12 +360,22 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
         raise ConfigError(f"{source}: {where} token: {_URL_SAFE_HINT}")
     if cls is WebhookSettings and "report_timezone" in kwargs:
         _check_timezone(kwargs["report_timezone"], source, where)
+    if cls is OpsSettings and "listen" in kwargs:
+        check_listen(kwargs["listen"], source, where)
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
     for key, value in kwargs.items():
         if key.endswith("_days") and value < 0:
             raise ConfigError(f"{source}: {where} {key}: must not be negative (0 keeps forever)")
     return cls(**kwargs)
+
+
+def check_listen(listen: str, source: str, where: str) -> None:
+    """A HOST:PORT the ops server can bind (port 0 picks a free one)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdecimal() or int(port) > 65535:
+        place = f"{source}: {where} listen" if where else source
+        raise ConfigError(f"{place}: {listen!r} is not HOST:PORT (like '127.0.0.1:9100')")
 
 
 def _check_timezone(name: str, source: str, where: str) -> None:

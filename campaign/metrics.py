@@ -1,20 +1,32 @@
-"""Prometheus metrics, served at GET /metrics by the webhook receiver.
+"""Prometheus metrics, served at GET /metrics on every process's ops address.
 
 One registry per process, defined once here, so roles created and torn down repeatedly
-(tests, the demo) never register a metric twice.
+(tests, the demo) never register a metric twice. Labels stay bounded: services, outcomes,
+statuses, kinds; never a campaign id (it grows without limit in a long-running worker;
+per-campaign figures come from the database, see /api/campaigns on the ops address).
+The names are public: deploy/grafana/campaign.json uses them and a test checks it.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+# process_* (CPU, memory, open files, start time), python_info and python_gc_*: the same
+# collectors the default registry carries, registered on ours.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
 DESTINATIONS = Counter(
     "campaign_destinations_total",
-    "Destinations by the outcome of their send attempt.",
-    ["campaign_id", "service", "outcome"],
+    "Destinations by the outcome of their send attempt (the status the response gave).",
+    ["service", "outcome"],
     registry=REGISTRY,
 )
 REQUESTS = Counter(
@@ -32,8 +44,26 @@ REQUEST_SECONDS = Histogram(
 )
 REPORTS = Counter(
     "campaign_reports_total",
-    "Webhook items stored, by kind (dr, mo) and result (stored, duplicate, rejected).",
-    ["kind", "result"],
+    "Delivery report items received, by result (stored, duplicate, rejected).",
+    ["result"],
+    registry=REGISTRY,
+)
+INCOMING = Counter(
+    "campaign_incoming_messages_total",
+    "Incoming messages (MO) received, by result (stored, duplicate, rejected).",
+    ["result"],
+    registry=REGISTRY,
+)
+FINAL_STATUSES = Counter(
+    "campaign_recipients_final_total",
+    "Recipients moved into a final status by this process, by status.",
+    ["status"],
+    registry=REGISTRY,
+)
+REPORT_DELAY_SECONDS = Histogram(
+    "campaign_report_delay_seconds",
+    "From the API accepting a message to its final delivery report's timestamp.",
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
     registry=REGISTRY,
 )
 REPORT_LAG_SECONDS = Gauge(
@@ -59,8 +89,39 @@ EFFECTIVE_RATE = Gauge(
     ["service"],
     registry=REGISTRY,
 )
+ROLE_UP = Gauge(
+    "campaign_role_up",
+    "1 for each role this process runs and has started (sender, webhooks, reconciler).",
+    ["role"],
+    registry=REGISTRY,
+)
+
+
+def count_final(counts: dict[str, int]) -> None:
+    """Add recipients that just became final, {status: how many}."""
+    for status, n in counts.items():
+        if n:
+            FINAL_STATUSES.labels(status).inc(n)
 
 
 def render() -> tuple[bytes, str]:
     """The exposition body and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "summary": ("_count", "_sum"),
+    "info": ("_info",),
+}
+
+
+def names() -> set[str]:
+    """Every series name this process exports, with or without samples yet (for dashboards)."""
+    found: set[str] = set()
+    for family in REGISTRY.collect():
+        found.add(family.name)
+        found |= {family.name + suffix for suffix in _SUFFIXES.get(family.type, ())}
+        found |= {sample.name for sample in family.samples}
+    return found

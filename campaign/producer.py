@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from campaign import codes, db, payload
+from campaign import codes, db, metrics, payload
 from campaign.batch import Batch, Lane
 from campaign.config import ProducerSettings
 from campaign.prepare import Campaign, Claimed, Prepared, normalise_all, prepare
@@ -274,6 +274,9 @@ class Producer:
             destinations=len(ready),
             invalid=sum(p.status == "invalid" for p in prepared),
             suppressed=sum(p.status == "suppressed" for p in prepared),
+        )
+        metrics.count_final(
+            {s: sum(p.status == s for p in prepared) for s in ("invalid", "suppressed")}
         )
         if ready:
             lane.held.add(batch_id)

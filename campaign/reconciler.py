@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import structlog
 
-from campaign import codes, db, reports, statuses
+from campaign import codes, db, metrics, reports, statuses
 from campaign.aio import sleep_or_stop
 from campaign.config import ReconcilerSettings
 
@@ -218,6 +218,9 @@ class Reconciler:
         finally:
             await self._pool.release(conn)
         assert match is not None
+        metrics.count_final(dict(match["finals"]))
+        for delay_s in match["delays_s"]:
+            metrics.REPORT_DELAY_SECONDS.observe(delay_s)
         return match
 
     async def _sweep(
@@ -245,6 +248,7 @@ class Reconciler:
             "reconcile_report_timeout",
             conn.fetch(self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size),
         )
+        metrics.count_final({"failed": sum(int(row["recipients"]) for row in timed_out)})
         for row in timed_out:
             log.warning(
                 "reports_timed_out",

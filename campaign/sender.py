@@ -25,7 +25,7 @@ import structlog
 from campaign import db, errors, metrics
 from campaign.batch import Batch, Lane
 from campaign.config import ApiSettings, OnTimeout, ProducerSettings
-from campaign.statuses import BatchStatus, RecipientStatus
+from campaign.statuses import FINAL, BatchStatus, RecipientStatus
 
 log = structlog.get_logger(__name__)
 
@@ -502,9 +502,9 @@ class Sender:
         service = self._lane.name
         metrics.REQUESTS.labels(service, outcome.kind).inc()
         metrics.REQUEST_SECONDS.labels(service).observe(duration_ms / 1000)
-        campaign = str(batch.campaign_id)
         for status in set(plan.statuses):
-            metrics.DESTINATIONS.labels(campaign, service, status).inc(plan.count(status))
+            metrics.DESTINATIONS.labels(service, status).inc(plan.count(status))
+        metrics.count_final({s: plan.count(s) for s in set(plan.statuses) if s in FINAL})
         self.accepted += plan.count("queued")
         self.rejected += plan.count("rejected")
 

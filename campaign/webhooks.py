@@ -198,8 +198,8 @@ class GroupCommitter:
         self._stats.groups_committed += 1
         self._stats.reports_stored += stored
         received = sum(len(w.reports) for w in group)
-        metrics.REPORTS.labels("dr", "stored").inc(stored)
-        metrics.REPORTS.labels("dr", "duplicate").inc(received - stored)
+        metrics.REPORTS.labels("stored").inc(stored)
+        metrics.REPORTS.labels("duplicate").inc(received - stored)
         # Duplicates are not attributed to one request; each learns the group's new count.
         for waiting in group:
             if not waiting.future.done():
@@ -486,8 +486,8 @@ class WebhookServer:
                     )
                     outcomes.append((message, action, row))
         stored = sum(1 for _, _, row in outcomes if row is not None)
-        metrics.REPORTS.labels("mo", "stored").inc(stored)
-        metrics.REPORTS.labels("mo", "duplicate").inc(len(outcomes) - stored)
+        metrics.INCOMING.labels("stored").inc(stored)
+        metrics.INCOMING.labels("duplicate").inc(len(outcomes) - stored)
         for message, action, row in outcomes:
             # No number and no text in logs: both are the customer's.
             log.info(
@@ -535,7 +535,7 @@ class WebhookServer:
             # Not kept, so not refused: a 503 makes the platform send it again.
             return self._unavailable(kind, exc)
         self.stats.rejected += 1
-        metrics.REPORTS.labels(kind, "rejected").inc()
+        (metrics.REPORTS if kind == "dr" else metrics.INCOMING).labels("rejected").inc()
         log.warning("webhook_rejected", kind=kind, reject_id=reject_id, reason=reason)
         return web.json_response({"status": "rejected", "reason": reason}, status=400)
 

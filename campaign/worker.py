@@ -6,6 +6,9 @@ loudly with a non-zero exit. Each role can be switched off (`Roles`) to run them
 Stopping (SIGTERM / SIGINT, or drain mode running out of work) stops claiming at once,
 lets requests in flight finish within `shutdown_grace_s`, writes their results, gives the
 unsent batches back, and only then stops the receiver, so reports keep landing meanwhile.
+The `worker` and `webhooks` commands also serve the ops address (campaign/ops.py): bound
+first, so a taken port stops the process before it starts anything, and stopped last; the
+worker answers its probes (its stats loop turning, its roles started).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from campaign import config, db, metrics
+from campaign import config, db, metrics, ops
 from campaign.aio import sleep_or_stop
 from campaign.batch import Lane
 from campaign.fleet import Fleet
@@ -56,12 +59,25 @@ class Worker:
         dsn: str,
         drain: bool = False,
         roles: Roles = Roles(),
+        serve_ops: bool = False,
     ) -> None:
         self._settings = settings
         self._dsn = dsn
         self._drain = drain
         self._roles = roles
         self._stop = asyncio.Event()
+        # The ops address (/metrics, /healthz, /readyz, dashboard): the commands serve it,
+        # workers run inside tests and the demo leave it off.
+        self.ops = (
+            ops.OpsServer(
+                settings=settings.ops, liveness=self.liveness, roles_started=self.roles_started
+            )
+            if serve_ops
+            else None
+        )
+        # Roles up and running; the stats loop's last turn (monotonic), for /healthz.
+        self.started: set[str] = set()
+        self._last_turn: float | None = None
         self.worker_id = settings.worker.worker_id or default_worker_id()
         # Filled by run(); each lane exposes its limiter's effective rate and queue depth.
         self.lanes: dict[str, Lane] = {}
@@ -99,6 +115,17 @@ class Worker:
             # The producer holds one connection for LISTEN; with one in all it would wait forever.
             log.error("worker_not_started", reason="[database] pool_max must be at least 2")
             return 2
+        if self.ops is not None:
+            # First: a taken port stops the process before it touches the database.
+            await self.ops.start()
+        try:
+            return await self._connect_and_run()
+        finally:
+            if self.ops is not None:
+                await self.ops.stop()
+
+    async def _connect_and_run(self) -> int:
+        settings = self._settings
         conn = await db.connect(self._dsn, timeout_s=settings.database.connect_timeout_s)
         try:
             await db.check_schema(conn)
@@ -110,10 +137,33 @@ class Worker:
             max_size=settings.database.pool_max,
             timeout_s=settings.database.connect_timeout_s,
         )
+        if self.ops is not None:
+            self.ops.attach(pool)
         try:
             return await self._run(pool)
         finally:
+            if self.ops is not None:
+                self.ops.attach(None)
             await pool.close()
+
+    async def liveness(self) -> ops.Check:
+        """/healthz: the stats loop (a turn every stats_interval_s) is still turning."""
+        if self._last_turn is None or self.stopping:
+            return ops.Check(True, {"phase": "stopping" if self.stopping else "starting"})
+        silent_s = time.monotonic() - self._last_turn
+        limit_s = 3 * self._settings.worker.stats_interval_s + 30.0
+        detail = {"phase": "running", "loop_silent_s": round(silent_s, 1)}
+        return ops.Check(silent_s < limit_s, detail)
+
+    async def roles_started(self) -> ops.Check:
+        """/readyz: every role this process runs has started."""
+        wanted = {name for name, on in dataclasses.asdict(self._roles).items() if on}
+        waiting = sorted(wanted - self.started)
+        return ops.Check(not waiting, {"roles": sorted(wanted), "roles_starting": waiting})
+
+    def _role_started(self, role: str) -> None:
+        self.started.add(role)
+        metrics.ROLE_UP.labels(role).set(1)
 
     async def _run(self, pool: db.Pool) -> int:
         settings = self._settings
@@ -134,6 +184,7 @@ class Worker:
                 regions=OptOutRegions.from_services(settings.services.values()),
             )
             await self.webhooks.start()
+            self._role_started("webhooks")
         try:
             async with asyncio.TaskGroup() as tg:
                 if self._roles.reconciler:
@@ -141,6 +192,7 @@ class Worker:
                         pool=pool, settings=settings.reconciler, queries=queries
                     )
                     tg.create_task(reconciler.run(self._stop), name="reconciler")
+                    self._role_started("reconciler")
                 tg.create_task(self._report_stats(pool, queries), name="stats")
                 if self._roles.sender:
                     await self._send(pool, queries)
@@ -150,6 +202,9 @@ class Worker:
             log.exception("worker_failed", worker_id=self.worker_id)
             raise
         finally:
+            for role in self.started:
+                metrics.ROLE_UP.labels(role).set(0)
+            self.started.clear()
             if self.webhooks is not None:
                 await asyncio.shield(self.webhooks.stop())
         stopped = sorted(name for name, lane in self.lanes.items() if lane.stopped)
@@ -214,6 +269,7 @@ class Worker:
                     tg.create_task(recovery.run(self._stop), name="recovery")
                     tg.create_task(self._enforce_grace(sending), name="grace")
                     tg.create_task(fleet.run(self._stop), name="fleet")
+                    self._role_started("sender")
                     if self._drain:
                         tg.create_task(self._watch_drain(recovery), name="drain")
             finally:
@@ -226,6 +282,7 @@ class Worker:
         last = time.monotonic()
         last_accepted = last_rejected = last_reports = 0
         while not self._stop.is_set():
+            self._last_turn = time.monotonic()
             await sleep_or_stop(self._stop, interval_s)
             now = time.monotonic()
             elapsed_s = max(now - last, 1e-9)
@@ -308,7 +365,7 @@ async def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int
     roles = Roles(
         sender=not args.no_sender, webhooks=not args.no_webhooks, reconciler=not args.no_reconciler
     )
-    return await _serve(settings, roles=roles, drain=args.drain)
+    return await _serve(_ops_listen(settings, args.ops_listen), roles=roles, drain=args.drain)
 
 
 async def cmd_webhooks(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -317,14 +374,23 @@ async def cmd_webhooks(args: argparse.Namespace, settings: config.Settings) -> i
         settings = dataclasses.replace(
             settings, webhooks=dataclasses.replace(settings.webhooks, listen=args.listen)
         )
+    settings = _ops_listen(settings, args.ops_listen)
     return await _serve(settings, roles=Roles(sender=False), drain=False)
+
+
+def _ops_listen(settings: config.Settings, listen: str | None) -> config.Settings:
+    """`--ops-listen HOST:PORT` over `[ops] listen`: several workers share one config file."""
+    if not listen:
+        return settings
+    config.check_listen(listen, "--ops-listen", "")
+    return dataclasses.replace(settings, ops=dataclasses.replace(settings.ops, listen=listen))
 
 
 async def _serve(settings: config.Settings, *, roles: Roles, drain: bool) -> int:
     """Run a worker until it stops; SIGTERM / SIGINT stop it, a second one exits at once."""
 
     async with db.database(settings) as dsn:
-        worker = Worker(settings=settings, dsn=dsn, drain=drain, roles=roles)
+        worker = Worker(settings=settings, dsn=dsn, drain=drain, roles=roles, serve_ops=True)
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: int) -> None:

@@ -447,6 +447,9 @@ def _print_summary(
         out.write("\n")
     out.write(f"  log:  {where.log_file}\n")
     out.write(f"  look: campaign status {campaign_id}    or in psql: table campaign.recipients\n")
+    out.write(
+        f"  page: campaign report {campaign_id} --html report.html    (its dashboard, as a file)\n"
+    )
     out.flush()
 
 

@@ -129,7 +129,9 @@ applied AS (
                      OR (r.dr_at IS NULL AND (b.reported_at IS NOT NULL
                                               OR b.id > coalesce(r.dr_report_id, 0))))
            END
-    RETURNING r.id
+    -- The new status and, for a final report, its delay (accepted -> the report's own
+    -- timestamp), for the process's metrics.
+    RETURNING r.id, r.status, extract(epoch FROM r.dr_at - r.sent_at)::float8 AS delay_s
 ),
 marked AS (
     UPDATE campaign.delivery_reports d
@@ -143,7 +145,12 @@ marked AS (
 SELECT (SELECT count(*) FROM picked)  AS examined,
        (SELECT max(id) FROM picked)   AS last_id,
        (SELECT count(*) FROM marked)  AS matched,
-       (SELECT count(*) FROM applied) AS updated;
+       (SELECT count(*) FROM applied) AS updated,
+       (SELECT coalesce(jsonb_object_agg(f.status, f.n), '{}'::jsonb)
+          FROM (SELECT status, count(*) AS n FROM applied
+                 WHERE status <> 'queued' GROUP BY status) f) AS finals,
+       (SELECT coalesce(array_agg(greatest(delay_s, 0)), '{}'::float8[])
+          FROM applied WHERE status <> 'queued' AND delay_s IS NOT NULL) AS delays_s;
 
 -- name: reconcile_orphan_reports
 -- Give up on up to $2 reports that found no recipient within $1 seconds of arriving; each

@@ -54,6 +54,14 @@ async def test_demo_piped_prints_a_line_per_stage_and_logs_to_its_file(
     assert int(rows["delivered"][1].replace(",", "")) > 1600
     assert "report lag" in out and "data: postgresql://" in out
 
+    # The page the summary offers: the campaign's dashboard as one file.
+    page = next(line.split() for line in out.splitlines() if line.strip().startswith("page:"))
+    assert page[1:3] == ["campaign", "report"] and page[4:6] == ["--html", "report.html"]
+    html = tmp_path / "report.html"
+    report = await campaign_process.run("report", page[3], "--html", str(html), dsn=dsn)
+    assert report.returncode == 0, report.output()
+    assert '<script id="campaign-data"' in html.read_text(encoding="utf-8")
+
     # The log file: named at the start and in the summary, under the user's log directory.
     log_file = _named_log_file(out)
     assert _named_log_file(err) == log_file

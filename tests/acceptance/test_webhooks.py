@@ -49,7 +49,7 @@ async def test_healthz_and_metrics(pool: asyncpg.Pool, http: aiohttp.ClientSessi
         async with http.get(f"{server.url}/healthz") as response:
             assert response.status == 200
             health = await response.json()
-        stored_before = metrics.REPORTS.labels("dr", "stored")._value.get()
+        stored_before = metrics.REPORTS.labels("stored")._value.get()
         async with http.post(
             f"{server.url}/webhooks/dr/{TOKEN}", data=orjson.dumps(dr("metrics-t1"))
         ) as response:
@@ -63,7 +63,7 @@ async def test_healthz_and_metrics(pool: asyncpg.Pool, http: aiohttp.ClientSessi
     stored_line = next(
         line
         for line in text.splitlines()
-        if line.startswith('campaign_reports_total{kind="dr",result="stored"}')
+        if line.startswith('campaign_reports_total{result="stored"}')
     )
     assert float(stored_line.split()[-1]) == stored_before + 1
     assert health == {

@@ -65,6 +65,9 @@ DEFAULTS: Mapping[str, Any] = {
         "recovery_interval_s": 0.2,
     },
     "webhooks": {"listen": "127.0.0.1:0", "public_url": _NOWHERE, "token": WEBHOOK_TOKEN},
+    # Port 0: every process its own free ops port, so workers never collide on 9100; a test
+    # that reads it finds the address in the `ops_started` event (`ops_url`).
+    "ops": {"listen": "127.0.0.1:0"},
     "reconciler": {"interval_s": 0.1},
     "worker": {"stats_interval_s": 0.5, "shutdown_grace_s": 10.0},
     "logging": {"format": "json", "level": "info"},
@@ -270,6 +273,10 @@ class CampaignProcess:
             self._assert_running(f"before printing {text!r}")
             assert time.monotonic() < deadline, f"{self.name}: no {text!r} in {timeout_s} s"
             await asyncio.sleep(0.05)
+
+    async def ops_url(self, *, timeout_s: float = 60.0) -> str:
+        """The process's ops address (http://127.0.0.1:PORT), once it is listening."""
+        return str((await self.wait_event("ops_started", timeout_s=timeout_s))["url"])
 
     async def wait_http(self, url: str, *, timeout_s: float = 60.0) -> None:
         """Until GET `url` answers 200; fails early when the process exits."""

@@ -33,6 +33,8 @@ LAYERS: dict[str, int] = {
     # What the roles share: the producer -> sender contract and per-recipient preparation.
     "campaign.batch": 2,
     "campaign.prepare": 2,
+    # Campaign figures for the dashboard and `campaign report`, and the page itself.
+    "campaign.dashboard": 2,
     # Roles: none imports another.
     "campaign.producer": 3,
     "campaign.sender": 3,
@@ -40,6 +42,8 @@ LAYERS: dict[str, int] = {
     "campaign.reconciler": 3,
     "campaign.webhooks": 3,
     "campaign.fleet": 3,
+    # The ops address of every process: probes, metrics, the dashboard.
+    "campaign.ops": 3,
     # Composition of the roles, and the API simulator (a tool beside them).
     "campaign.worker": 4,
     "campaign.simulator": 4,

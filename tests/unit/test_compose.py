@@ -106,3 +106,22 @@ def test_every_command_parses_with_the_cli() -> None:
         args = command if isinstance(command, list) else shlex.split(command)
         parsed = parser.parse_args(args)
         assert parsed.command == args[0], name
+
+
+def test_every_campaign_service_has_a_healthcheck_on_its_ops_address() -> None:
+    services = _compose()["services"]
+    ops_listen = _env(services["worker"])["CAMPAIGN_OPS_LISTEN"]
+    host, _, port = ops_listen.rpartition(":")
+    # Inside the container, on every interface: a Prometheus on the network scrapes it.
+    assert host == "0.0.0.0"
+    for name in ("webhooks", "worker"):
+        test = " ".join(services[name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}/readyz" in test, name
+        parsed = cli.build_parser().parse_args(services[name]["command"])
+        # No --ops-listen in the commands: the config's [ops] listen is what is checked.
+        assert parsed.ops_listen is None, name
+    # The dashboard is published on the host's loopback only, by the receiver alone.
+    ops_ports = [p for p in services["webhooks"]["ports"] if p.endswith(f":{port}")]
+    assert ops_ports == [f"127.0.0.1:${{CAMPAIGN_OPS_PORT:-{port}}}:{port}"]
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    assert example["ops"]["listen"] == "${CAMPAIGN_OPS_LISTEN:-127.0.0.1:9100}"
