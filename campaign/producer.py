@@ -5,7 +5,9 @@ notification delays work by one interval at most. Each service has its own bound
 queue (a `Lane`); a batch is claimed only for a service whose queue has room, so a slow
 service never holds up another and no claimed batch waits outside a queue.
 
-Per recipient it normalises the number, drops opted-out numbers, renders the text and
+Per recipient it normalises the number, drops opted-out numbers, holds back rows outside
+their local sending window (they wait, pending, for its opening: producer_release_due
+makes them claimable then, so waiting rows cost no claim), renders the text and
 checks it; rows that must not be sent get their final status in one set-based statement
 (only when there are any) and the rest become one request body, encoded once. What the
 checks found for the rows sent (number, encoding, parts) travels with the batch and is
@@ -20,13 +22,21 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
-from campaign import codes, db, payload
+from campaign import codes, db, payload, window
 from campaign.batch import Batch, Lane
 from campaign.config import ProducerSettings
-from campaign.prepare import Campaign, Claimed, Prepared, normalise_all, prepare
+from campaign.prepare import (
+    WINDOW_CODES,
+    Campaign,
+    Claimed,
+    Prepared,
+    normalise_all,
+    prepare,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +50,8 @@ QUERIES = (
     "producer_expire_pending",
     "producer_unknown_service_campaigns",
     "producer_renew_leases",
+    "producer_release_due",
+    "producer_defer_recipients",
 )
 SWEEP_CHUNK = 10_000
 # How often claims start again from each campaign's first due row (see Producer._after).
@@ -71,6 +83,22 @@ async def claim_batch(
     """producer_claim_batch: up to `limit` due rows of one campaign with ids above
     `after_id`, now `sending` in a new batch leased to this worker."""
     return await pool.fetch(sql, campaign_id, limit, service, worker_id, lease_s, after_id)
+
+
+async def store_deferred(
+    conn: db.PoolConnection, sql: str, batch_id: int, deferred: Sequence[Prepared]
+) -> None:
+    """producer_defer_recipients: rows outside their sending window wait or expire."""
+    await conn.fetchval(
+        sql,
+        batch_id,
+        [p.id for p in deferred],
+        [p.status for p in deferred],
+        [p.msisdn_e164 for p in deferred],
+        [p.next_attempt_at for p in deferred],
+        [p.error_code for p in deferred],
+        [p.error_message for p in deferred],
+    )
 
 
 async def store_final(
@@ -154,6 +182,8 @@ class Producer:
         between them (SKIP LOCKED), sending small campaigns in several requests.
         """
         self._wake.clear()
+        if await self.release_due():
+            self._after.clear()  # the rows released may lie below a cursor
         if self._clock() - self._rescanned >= RESCAN_S:
             self._rescanned = self._clock()
             self._after.clear()
@@ -202,7 +232,11 @@ class Producer:
                 self._after.clear()  # due rows may wait below a cursor: look from the start
                 continue
             lane = self._lanes[row["service"]]
-            campaign = Campaign.from_record(row, default_sender_id=lane.settings.sender_id)
+            campaign = Campaign.from_record(
+                row,
+                default_sender_id=lane.settings.sender_id,
+                default_window=window.Window.parse(lane.settings.send_window),
+            )
             start = self._after.pop(campaign.id, 0)
             lane.claiming += 1
             try:
@@ -250,18 +284,33 @@ class Producer:
                 r["msisdn"]
                 for r in await conn.fetch(self._queries["producer_suppressed_numbers"], valid)
             }
+            planner = None
+            if campaign.send_window is not None:
+                planner = window.Planner(
+                    campaign.send_window,
+                    default_timezone=lane.settings.default_timezone,
+                    now=datetime.now(UTC),
+                )
             prepared = prepare(
                 campaign,
                 rows,
                 numbers,
                 suppressed=suppressed,
                 plus_prefix=lane.settings.plus_prefix,
+                planner=planner,
             )
             # Rows to send stay as claimed: their checks are written with their results.
-            final = [p for p in prepared if p.destination is None]
+            held = [p for p in prepared if p.destination is None and p.error_code in WINDOW_CODES]
+            final = [
+                p for p in prepared if p.destination is None and p.error_code not in WINDOW_CODES
+            ]
             if final:
                 await store_final(
                     conn, self._queries["producer_prepare_recipients"], batch_id, final
+                )
+            if held:
+                await store_deferred(
+                    conn, self._queries["producer_defer_recipients"], batch_id, held
                 )
         ready = [p for p in prepared if p.destination is not None]
         self._warn_if_mostly_invalid(campaign.id, batch_id, prepared)
@@ -274,6 +323,7 @@ class Producer:
             destinations=len(ready),
             invalid=sum(p.status == "invalid" for p in prepared),
             suppressed=sum(p.status == "suppressed" for p in prepared),
+            outside_window=len(held),
         )
         if ready:
             lane.held.add(batch_id)
@@ -329,6 +379,10 @@ class Producer:
             message=settings,
             prepared=tuple(destinations),
         )
+
+    async def release_due(self) -> int:
+        """Rows whose retry backoff or sending window is over become claimable again."""
+        return await self._sweep("producer_release_due")
 
     async def renew_leases(self) -> int:
         """Extend the leases of batches still waiting here; returns how many were renewed.

@@ -9,7 +9,7 @@
 -- $1 services (text[]), $2 campaign ids to skip (bigint[]), $3 jsonb object: campaign id ->
 -- recipient id this worker has claimed up to (see producer_claim_batch), so the probe starts there.
 SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.priority,
-       c.expires_at, c.callback_data
+       c.expires_at, c.callback_data, c.window_start, c.window_end
   FROM campaign.campaigns c
  WHERE c.status IN ('ready', 'running')
    AND c.service = ANY($1::text[])
@@ -17,6 +17,8 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
    AND (c.send_after IS NULL OR c.send_after <= now())
    AND (c.expires_at IS NULL OR c.expires_at > now())
    -- One probe of recipients_pending_idx per candidate, stopping at its first due row.
+   -- The index holds only rows due at once (next_attempt_at NULL): rows waiting for their
+   -- window or a retry are in recipients_waiting_idx until producer_release_due.
    -- Written as EXISTS, the planner may hash-join a scan of every recipient, or walk the
    -- primary key through rows already sent, because its statistics still call them
    -- pending; a range on campaign_id plus an ORDER BY only that index provides keeps this
@@ -26,14 +28,14 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
          WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id
            AND r.id > coalesce(($3::jsonb ->> c.id::text)::bigint, 0)
            AND r.status = 'pending'
-           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+           AND r.next_attempt_at IS NULL
          ORDER BY r.campaign_id, r.id
          LIMIT 1) IS NOT NULL
  ORDER BY c.priority DESC, c.id
  LIMIT 1;
 
 -- name: producer_claim_batch
--- Claim up to $2 due recipients of one campaign, oldest first, for this worker: a batches
+-- Claim up to $2 due recipients (next_attempt_at NULL) of one campaign, oldest first, for this worker: a batches
 -- row holds the lease, the recipients move to 'sending' with its id. SKIP LOCKED lets two
 -- workers claim from one campaign at once without ever taking the same row; the campaign
 -- check is repeated here so a pause or cancel committed since producer_next_campaign wins. A ready
@@ -54,7 +56,7 @@ WITH picked AS (
      WHERE r.campaign_id >= $1 AND r.campaign_id <= $1
        AND r.id > $6
        AND r.status = 'pending'
-       AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+       AND r.next_attempt_at IS NULL
        AND EXISTS (
             SELECT 1
               FROM campaign.campaigns c
@@ -169,6 +171,7 @@ SELECT c.id, c.service
    AND (SELECT r.id
           FROM campaign.recipients r
          WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id AND r.status = 'pending'
+           AND r.next_attempt_at IS NULL
          ORDER BY r.campaign_id, r.id
          LIMIT 1) IS NOT NULL
  ORDER BY c.id
@@ -183,3 +186,59 @@ UPDATE campaign.batches
    SET lease_until = now() + make_interval(secs => $3)
  WHERE id = ANY($1::bigint[]) AND worker_id = $2 AND status = 'claimed'
 RETURNING id;
+
+-- name: producer_release_due
+-- Rows whose wait is over (a retry's backoff, a sending window that opened) become due:
+-- next_attempt_at NULL moves them from recipients_waiting_idx into recipients_pending_idx,
+-- where claims find them. One range of the waiting index, so rows still waiting cost
+-- nothing however many there are. Bounded like the sweeps; call again while it returns $1.
+-- $1 maximum rows
+WITH due AS (
+    SELECT r.id
+      FROM campaign.recipients r
+     WHERE r.status = 'pending'
+       AND r.next_attempt_at IS NOT NULL
+       AND r.next_attempt_at <= now()
+     ORDER BY r.next_attempt_at
+     LIMIT $1
+       FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE campaign.recipients r
+   SET next_attempt_at = NULL, updated_at = now()
+  FROM due
+ WHERE r.id = due.id AND r.status = 'pending';
+
+-- name: producer_defer_recipients
+-- Claimed rows outside their sending window leave the batch: back to 'pending' with
+-- next_attempt_at at the window's next opening (attempts unchanged, so waiting is not a
+-- try), or 'expired' when the window opens only after the campaign's expires_at. The
+-- batch keeps the count still to send and is closed at once when that is zero, as in
+-- producer_prepare_recipients. Only called when there is at least one such row.
+-- $1 batch id; arrays of equal length: $2 ids, $3 statuses ('pending' or 'expired'),
+-- $4 msisdn_e164, $5 next_attempt_at (NULL for expired rows), $6 error codes,
+-- $7 error messages
+WITH updated AS (
+    UPDATE campaign.recipients r
+       SET status = CASE WHEN u.status = 'expired' THEN 'expired' ELSE 'pending' END,
+           msisdn_e164 = u.msisdn_e164,
+           next_attempt_at = u.next_attempt_at,
+           error_code = u.error_code,
+           error_message = u.error_message,
+           updated_at = now()
+      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                  $7::text[])
+           AS u(id, status, msisdn_e164, next_attempt_at, error_code, error_message)
+     WHERE r.id = u.id AND r.batch_id = $1 AND r.status = 'sending'
+    RETURNING r.id
+), left_to_send AS (
+    SELECT b.destinations - (SELECT count(*) FROM updated) AS n
+      FROM campaign.batches b
+     WHERE b.id = $1
+)
+UPDATE campaign.batches b
+   SET destinations = l.n,
+       status = CASE WHEN l.n = 0 THEN 'done' ELSE b.status END,
+       finished_at = CASE WHEN l.n = 0 THEN now() ELSE b.finished_at END
+  FROM left_to_send l
+ WHERE b.id = $1
+RETURNING b.destinations;
