@@ -14,6 +14,7 @@ import asyncpg
 
 from campaign import config, db
 from campaign.batch import Lane
+from campaign.commands import status
 from campaign.producer import Producer
 from tests.helpers.seed import add_recipients, create_campaign, numbers
 
@@ -95,6 +96,13 @@ async def test_three_countries_only_the_open_zone_is_sent(
     # Nothing else is due: the waiting rows are not claimed again.
     assert await producer.fill() == 0
 
+    # `campaign status` says how many wait and when the first of them opens.
+    [shown] = await status.collect(conn, db.load_queries(), cid)
+    first = min(expected_opening(start, OFFSETS[c], before) for c in ("japan", "arizona"))
+    assert (shown.waiting_for_window, shown.next_window_opening) == (6, first.isoformat())
+    assert shown.send_window == f"{start:%H:%M}-{end:%H:%M}"
+    assert "waiting for their window 6" in status.render([shown])
+
 
 async def test_the_service_window_applies_unless_the_campaign_has_its_own(
     pool: asyncpg.Pool, conn: asyncpg.Connection
@@ -129,7 +137,7 @@ async def test_a_window_opening_after_expiry_expires_the_row(
         expires_at=datetime.now(UTC) + timedelta(minutes=30),
     )
     await add_recipients(conn, cid, [*INDIA, *JAPAN])
-    producer, lane = make_producer(pool)
+    producer, _lane = make_producer(pool)
 
     assert await producer.fill() == 1
     rows = await rows_by_number(conn, cid)

@@ -18,7 +18,7 @@ def utc(*args: int) -> datetime:
 
 
 def test_parse() -> None:
-    assert DAY == Window(time(9), time(21))
+    assert Window(time(9), time(21)) == DAY
     assert Window.parse(" 9:30 - 17:00 ") == Window(time(9, 30), time(17))
     assert Window.parse("") is None
     assert str(DAY) == "09:00-21:00"
