@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 
 import structlog
 
-from campaign import codes, db, payload, window
+from campaign import codes, db, metrics, payload, window
 from campaign.batch import Batch, Lane
-from campaign.config import ProducerSettings
+from campaign.config import PolicySettings, ProducerSettings
 from campaign.prepare import (
     WINDOW_CODES,
     Campaign,
@@ -52,6 +52,8 @@ QUERIES = (
     "producer_renew_leases",
     "producer_release_due",
     "producer_defer_recipients",
+    "producer_judge_canaries",
+    "producer_brake_campaigns",
 )
 SWEEP_CHUNK = 10_000
 # How often claims start again from each campaign's first due row (see Producer._after).
@@ -127,8 +129,10 @@ class Producer:
         worker_id: str,
         notify_url: str | None,
         clock: Callable[[], float] = time.monotonic,
+        policy: PolicySettings | None = None,
     ) -> None:
         self._pool = pool
+        self._policy = policy or PolicySettings()
         self._queries = db.require(queries, QUERIES)
         self._lanes = lanes
         self._settings = settings
@@ -238,13 +242,18 @@ class Producer:
                 default_window=window.Window.parse(lane.settings.send_window),
             )
             start = self._after.pop(campaign.id, 0)
+            limit = lane.limiter.max_batch
+            if row["canary_left"] is not None:
+                # In its canary: no more than the canary still takes (a concurrent worker
+                # may take as many: the canary overshoots by a batch at most).
+                limit = min(limit, row["canary_left"])
             lane.claiming += 1
             try:
                 records = await claim_batch(
                     self._pool,
                     self._queries["producer_claim_batch"],
                     campaign_id=campaign.id,
-                    limit=lane.limiter.max_batch,
+                    limit=limit,
                     service=lane.name,
                     worker_id=self._worker_id,
                     lease_s=self._settings.lease_s,
@@ -254,7 +263,7 @@ class Producer:
                 lane.claiming -= 1
                 raise
             if records:
-                if len(records) >= lane.limiter.max_batch:
+                if len(records) >= limit:
                     self._after[campaign.id] = max(r["id"] for r in records)
                 return _Claim(campaign, lane, records)
             lane.claiming -= 1
@@ -312,6 +321,10 @@ class Producer:
                 await store_deferred(
                     conn, self._queries["producer_defer_recipients"], batch_id, held
                 )
+                waiting = sum(p.status == "pending" for p in held)
+                deferred = metrics.WINDOW_DEFERRED
+                deferred.labels(service=lane.name, outcome="waiting").inc(waiting)
+                deferred.labels(service=lane.name, outcome="expired").inc(len(held) - waiting)
         ready = [p for p in prepared if p.destination is not None]
         self._warn_if_mostly_invalid(campaign.id, batch_id, prepared)
         log.info(
@@ -400,13 +413,51 @@ class Producer:
         return len(renewed)
 
     async def sweep(self) -> tuple[int, int]:
-        """Cancelled and expired campaigns' pending rows get their final status."""
+        """Cancelled and expired campaigns' pending rows get their final status; canaries
+        are judged and the failure brake applied."""
         cancelled = await self._sweep("producer_cancel_pending")
         expired = await self._sweep("producer_expire_pending")
         if cancelled or expired:
             log.info("pending_swept", cancelled=cancelled, expired=expired)
         await self._report_unknown_services()
+        await self.apply_brakes()
         return cancelled, expired
+
+    async def apply_brakes(self) -> list[int]:
+        """Judge canaries that are done and pause campaigns failing too much; returns the
+        campaigns paused."""
+        paused: list[int] = []
+        for row in await self._pool.fetch(
+            self._queries["producer_judge_canaries"], self._policy.canary_wait_s
+        ):
+            if row["paused"]:
+                paused.append(row["id"])
+                self._log_paused(row["id"], "canary", row["paused_reason"])
+            else:
+                log.info(
+                    "campaign_canary_passed",
+                    campaign_id=row["id"],
+                    delivered=row["delivered"],
+                    failed=row["failed"],
+                )
+        for row in await self._pool.fetch(
+            self._queries["producer_brake_campaigns"], self._policy.failure_window
+        ):
+            paused.append(row["id"])
+            self._log_paused(row["id"], "brake", row["paused_reason"])
+        return paused
+
+    @staticmethod
+    def _log_paused(campaign_id: int, by: str, reason: str) -> None:
+        metrics.CAMPAIGNS_AUTO_PAUSED.labels(by=by).inc()
+        log.warning(
+            "campaign_auto_paused",
+            campaign_id=campaign_id,
+            by=by,
+            reason=reason,
+            hint="see `campaign status ID`; resume with `campaign resume ID` "
+            "(or status = 'ready') once the cause is fixed",
+        )
 
     async def _report_unknown_services(self) -> None:
         rows = await self._pool.fetch(

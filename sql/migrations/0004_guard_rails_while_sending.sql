@@ -4,15 +4,18 @@
 -- Allowed local times [window_start, window_end) in each recipient's zone; a window that
 -- wraps midnight (22:00-06:00) has window_end < window_start. Both NULL: the service's
 -- send_window, if any. canary_size: send this many first and judge them before the rest.
--- max_failure_ratio: pause when failed / (delivered + failed) exceeds it. paused_reason
--- and brake_since are the worker's: why it paused the campaign, and from when the brake
--- counts reports (set when an operator resumes a paused campaign, see the trigger below).
+-- max_failure_ratio: pause when failed / (delivered + failed) exceeds it. paused_reason,
+-- canary_judged_at and brake_since are the worker's: why it paused the campaign, when
+-- its canary was judged (sending goes on past the canary from then), and from when the
+-- brake counts reports (set when an operator resumes a paused campaign, see the trigger
+-- below).
 ALTER TABLE campaign.campaigns
     ADD COLUMN window_start      time,
     ADD COLUMN window_end        time,
     ADD COLUMN canary_size       integer,
     ADD COLUMN max_failure_ratio real,
     ADD COLUMN paused_reason     text,
+    ADD COLUMN canary_judged_at  timestamptz,
     ADD COLUMN brake_since       timestamptz,
     ADD CONSTRAINT campaigns_send_window_check
         CHECK ((window_start IS NULL) = (window_end IS NULL) AND window_start <> window_end),
@@ -53,3 +56,9 @@ CREATE INDEX recipients_waiting_idx ON campaign.recipients (next_attempt_at)
     WHERE status = 'pending' AND next_attempt_at IS NOT NULL;
 DROP INDEX campaign.recipients_pending_idx;
 ALTER INDEX campaign.recipients_due_idx RENAME TO recipients_pending_idx;
+
+-- The failure brake reads a campaign's latest final outcomes (delivered, failed,
+-- rejected), newest first: one index entry per row when it becomes final, so the brake
+-- reads failure_window rows, not the whole campaign.
+CREATE INDEX recipients_final_idx ON campaign.recipients (campaign_id, updated_at)
+    WHERE status IN ('delivered', 'failed', 'rejected');
