@@ -96,6 +96,17 @@ async def test_three_countries_only_the_open_zone_is_sent(
     # Nothing else is due: the waiting rows are not claimed again.
     assert await producer.fill() == 0
 
+    # Drain mode does not wait hours for a window: the Indian rows in flight are its work,
+    # the waiting rows are not.
+    queries = db.load_queries()
+    assert await conn.fetchval(queries["recovery_work_remaining"], ["default"]) is True
+    await conn.execute(
+        "UPDATE campaign.recipients SET status = 'delivered' WHERE campaign_id = $1 "
+        "AND status = 'sending'",
+        cid,
+    )
+    assert await conn.fetchval(queries["recovery_work_remaining"], ["default"]) is False
+
     # `campaign status` says how many wait and when the first of them opens.
     [shown] = await status.collect(conn, db.load_queries(), cid)
     first = min(expected_opening(start, OFFSETS[c], before) for c in ("japan", "arizona"))
