@@ -6,7 +6,7 @@ from datetime import UTC, datetime, time
 
 import pytest
 
-from campaign import window
+from campaign import prepare, window
 from campaign.window import Planner, Window, WindowError, next_opening, zones_of
 
 DAY = Window.parse("09:00-21:00")
@@ -123,3 +123,57 @@ def test_planner_caches_per_zone_set() -> None:
     assert not la.is_open(now) and la.opens_at == utc(2026, 6, 1, 16)
     assert planner.decide("+13105550199").opens_at == la.opens_at
     assert window.zone("UTC") is window.zone("UTC")
+
+
+def _campaign(expires_at: datetime | None = None) -> prepare.Campaign:
+    return prepare.Campaign(
+        id=1,
+        service="s",
+        sender_id="S",
+        body="Hi",
+        template_id=None,
+        smartlinks={},
+        priority=2,
+        expires_at=expires_at,
+        callback_data=None,
+        send_window=DAY,
+    )
+
+
+def test_prepare_holds_rows_outside_their_window() -> None:
+    assert DAY is not None
+    now = utc(2026, 6, 1, 9)
+    numbers = ["+919876543210", "+13105550123", "+18005550123", "+447911123456"]
+    rows = [
+        prepare.Claimed(id=i, msisdn=n, variables={}, correlation_id=f"r{i}", attempts=2)
+        for i, n in enumerate(numbers)
+    ]
+
+    def decide(campaign: prepare.Campaign) -> list[prepare.Prepared]:
+        planner = Planner(DAY, default_timezone="UTC", now=now)
+        return prepare.prepare(
+            campaign, rows, numbers, suppressed={"+447911123456"}, plus_prefix=False,
+            planner=planner,
+        )  # fmt: skip
+
+    india, la, toll_free, opted_out = decide(_campaign())
+    assert india.status == "sending" and india.destination is not None
+    assert (la.status, la.next_attempt_at, la.error_code) == (
+        "pending",
+        utc(2026, 6, 1, 16),
+        "outside_window",
+    )
+    assert la.destination is None and "America/Los_Angeles" in (la.error_message or "")
+    # +1 800 may be anywhere from Guam to Halifax: open in all of them only at 23:00 UTC.
+    assert (toll_free.status, toll_free.next_attempt_at) == ("pending", utc(2026, 6, 1, 23))
+    # A suppressed number is settled whatever its window.
+    assert opted_out.status == "suppressed"
+
+    _, la, toll_free, _ = decide(_campaign(expires_at=utc(2026, 6, 1, 20)))
+    assert (la.status, la.error_code) == ("pending", "outside_window")
+    assert (toll_free.status, toll_free.error_code) == ("expired", "window_after_expiry")
+    assert toll_free.next_attempt_at is None
+
+    # Without a planner (no window) every valid row is sent.
+    plain = prepare.prepare(_campaign(), rows, numbers, suppressed=set(), plus_prefix=False)
+    assert [p.status for p in plain] == ["sending"] * 4
