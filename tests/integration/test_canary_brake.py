@@ -190,3 +190,20 @@ async def test_no_ratio_no_brake(pool: asyncpg.Pool, conn: asyncpg.Connection) -
     await settle(conn, ids, "failed", "7101")
     assert await producer.apply_brakes() == []
     assert (await campaign_row(conn, cid))["status"] == "running"
+
+
+async def test_api_rejections_count_as_failures(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    cid = await create_campaign(conn, max_failure_ratio=0.5, status="running")
+    ids = await add_recipients(conn, cid, numbers(10))
+    producer, _lane = make_producer(pool, failure_window=10)
+    await settle(conn, ids[:4], "delivered", "7500")
+    await conn.execute(
+        "UPDATE campaign.recipients SET status = 'rejected', error_code = '7103', "
+        "updated_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
+        ids[4:],
+    )
+    assert await producer.apply_brakes() == [cid]
+    reason = (await campaign_row(conn, cid))["paused_reason"]
+    assert reason == "brake: 6 of the last 10 reports failed (60.0% > 50.0%); top codes: 7103 x6"
