@@ -14,6 +14,7 @@ import urllib.parse
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +62,10 @@ class ServiceSettings:
     on_timeout: OnTimeout = "resolve"
     in_doubt_grace_s: float = 600.0
     max_attempts: int = 5
+    # Local hours a campaign without window_start/window_end may send in ("09:00-21:00";
+    # empty: any time), and the zone of numbers whose prefix gives none (an IANA name).
+    send_window: str = ""
+    default_timezone: str = "UTC"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,14 @@ class ProducerSettings:
     backoff_base_s: float = 2.0
     backoff_max_s: float = 300.0
     recovery_interval_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    # How long a campaign's canary may wait for its reports before it is judged on those
+    # it has, and how many of a campaign's latest final reports the failure brake weighs.
+    canary_wait_s: float = 600.0
+    failure_window: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +159,7 @@ class Settings:
     api: ApiSettings = ApiSettings()
     services: Mapping[str, ServiceSettings] = field(default_factory=dict)
     producer: ProducerSettings = ProducerSettings()
+    policy: PolicySettings = PolicySettings()
     webhooks: WebhookSettings = WebhookSettings()
     reconciler: ReconcilerSettings = ReconcilerSettings()
     optout: OptOutSettings = OptOutSettings()
@@ -262,6 +276,8 @@ _POSITIVE = {
     "backoff_max_s",
     "recovery_interval_s",
     "refresh_s",
+    "canary_wait_s",
+    "failure_window",
 }
 
 
@@ -359,7 +375,11 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
     if cls is WebhookSettings and token and not _URL_SAFE_TOKEN.fullmatch(token):
         raise ConfigError(f"{source}: {where} token: {_URL_SAFE_HINT}")
     if cls is WebhookSettings and "report_timezone" in kwargs:
-        _check_timezone(kwargs["report_timezone"], source, where)
+        _check_timezone(kwargs["report_timezone"], source, where, "report_timezone")
+    if cls is ServiceSettings and "default_timezone" in kwargs:
+        _check_timezone(kwargs["default_timezone"], source, where, "default_timezone")
+    if cls is ServiceSettings and "send_window" in kwargs:
+        _check_send_window(kwargs["send_window"], source, where)
     if cls is OpsSettings and "listen" in kwargs:
         check_listen(kwargs["listen"], source, where)
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
@@ -378,14 +398,36 @@ def check_listen(listen: str, source: str, where: str) -> None:
         raise ConfigError(f"{place}: {listen!r} is not HOST:PORT (like '127.0.0.1:9100')")
 
 
-def _check_timezone(name: str, source: str, where: str) -> None:
+def _check_timezone(name: str, source: str, where: str, key: str) -> None:
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
-            f"{source}: {where} report_timezone: {name!r} is not an IANA time zone name"
+            f"{source}: {where} {key}: {name!r} is not an IANA time zone name"
             " (like 'UTC' or 'Asia/Kolkata')"
         ) from None
+
+
+# "HH:MM-HH:MM", read by campaign.window.Window.parse (a module of the same layer, so the
+# form is checked here again).
+_SEND_WINDOW = re.compile(r"^\s*(\d{1,2}:\d{2})\s*-\s*(\d{1,2}:\d{2})\s*$")
+
+
+def _check_send_window(text: str, source: str, where: str) -> None:
+    if not text.strip():
+        return
+    match = _SEND_WINDOW.match(text)
+    problem = "is not like '09:00-21:00' (local start-end; empty: any time)"
+    if match is not None:
+        try:
+            start, end = (time.fromisoformat(part.zfill(5)) for part in match.groups())
+        except ValueError:
+            problem = "holds a time that does not exist (00:00 to 23:59)"
+        else:
+            if start != end:
+                return
+            problem = "starts and ends at the same time (leave it empty for any time)"
+    raise ConfigError(f"{source}: {where} send_window: {text!r} {problem}")
 
 
 def _interpolate(value: Any, source: str, where: str, key: str) -> Any:

@@ -95,6 +95,20 @@ ROLE_UP = Gauge(
     ["role"],
     registry=REGISTRY,
 )
+WINDOW_DEFERRED = Counter(
+    "campaign_window_deferred_total",
+    "Recipients held back at claim because their local sending window was shut, by what "
+    "became of them (waiting for the opening, or expired).",
+    ["service", "outcome"],
+    registry=REGISTRY,
+)
+CAMPAIGNS_AUTO_PAUSED = Counter(
+    "campaign_auto_paused_total",
+    "Campaigns the worker paused because too many of their messages failed, by what "
+    "judged them (canary, brake).",
+    ["by"],
+    registry=REGISTRY,
+)
 
 
 def count_final(counts: dict[str, int]) -> None:

@@ -4,7 +4,7 @@ Normalise the number, drop opted-out numbers, render the text and check it: ever
 becomes either a destination still `sending` (with its number, encoding and parts) or a
 final status with a reason. No I/O here: the producer reads what these functions need
 (the suppressed numbers) and writes what they decide. A new sending policy (duplicates,
-caps, local-time windows) is one more step in `prepare`.
+caps) is one more step in `prepare`, as the local-time sending window is.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from campaign import payload, sms
+from campaign import payload, sms, window
 from campaign.statuses import RecipientStatus
 
 
@@ -35,9 +35,14 @@ class Campaign:
     priority: int
     expires_at: datetime | None
     callback_data: str | None
+    # Local hours its recipients may be sent in: its own columns, else the service's.
+    send_window: window.Window | None = None
 
     @classmethod
-    def from_record(cls, row: Row, *, default_sender_id: str) -> Campaign:
+    def from_record(
+        cls, row: Row, *, default_sender_id: str, default_window: window.Window | None = None
+    ) -> Campaign:
+        start, end = row["window_start"], row["window_end"]
         return cls(
             id=row["id"],
             service=row["service"],
@@ -48,6 +53,7 @@ class Campaign:
             priority=row["priority"],
             expires_at=row["expires_at"],
             callback_data=row["callback_data"],
+            send_window=window.Window(start, end) if start is not None else default_window,
         )
 
 
@@ -77,6 +83,51 @@ class Prepared:
     error_message: str | None = None
     destination: payload.Destination | None = None
     attempts: int = 0
+    # Outside its sending window: when it opens (the row goes back to pending till then).
+    next_attempt_at: datetime | None = None
+
+
+# Error codes of rows the sending window held back (producer_defer_recipients).
+OUTSIDE_WINDOW = "outside_window"
+WINDOW_AFTER_EXPIRY = "window_after_expiry"
+WINDOW_NEVER_OPEN = "window_never_open"
+WINDOW_CODES = frozenset({OUTSIDE_WINDOW, WINDOW_AFTER_EXPIRY, WINDOW_NEVER_OPEN})
+
+
+def held_by_window(
+    campaign: Campaign, number: str, row_id: int, planner: window.Planner
+) -> Prepared | None:
+    """The row's fate when its window is shut now: wait for the opening, or expire."""
+    decision = planner.decide(number)
+    if decision.is_open(planner.now):
+        return None
+    zones = ", ".join(decision.zones)
+    where = f"local {planner.window} in {zones}"
+    if decision.opens_at is None:
+        return Prepared(
+            id=row_id,
+            status="expired",
+            msisdn_e164=number,
+            error_code=WINDOW_NEVER_OPEN,
+            error_message=f"sending window {where} is never open in all of them at once",
+        )
+    opens = f"{decision.opens_at:%Y-%m-%d %H:%M}Z"
+    if campaign.expires_at is not None and decision.opens_at >= campaign.expires_at:
+        return Prepared(
+            id=row_id,
+            status="expired",
+            msisdn_e164=number,
+            error_code=WINDOW_AFTER_EXPIRY,
+            error_message=f"sending window ({where}) opens at {opens}, after the campaign expires",
+        )
+    return Prepared(
+        id=row_id,
+        status="pending",
+        msisdn_e164=number,
+        error_code=OUTSIDE_WINDOW,
+        error_message=f"outside the sending window ({where}); opens at {opens}",
+        next_attempt_at=decision.opens_at,
+    )
 
 
 def normalise_all(
@@ -103,8 +154,10 @@ def prepare(
     *,
     suppressed: Collection[str],
     plus_prefix: bool,
+    planner: window.Planner | None = None,
 ) -> list[Prepared]:
-    """Decide every claimed row: invalid, suppressed, or a destination with its text."""
+    """Decide every claimed row: invalid, suppressed, outside its sending window (with
+    `planner`, the campaign's window at this instant), or a destination with its text."""
     prepared: list[Prepared] = []
     for row, number in zip(rows, numbers, strict=True):
         if isinstance(number, sms.InvalidRecipient):
@@ -128,6 +181,11 @@ def prepare(
                 )
             )
             continue
+        if planner is not None:
+            held = held_by_window(campaign, number, row.id, planner)
+            if held is not None:
+                prepared.append(held)
+                continue
         msisdn = sms.api_msisdn(number, plus_prefix=plus_prefix)
         if campaign.body is None:
             # A template campaign: the platform holds the text, so there is nothing to count.

@@ -5,7 +5,9 @@ notification delays work by one interval at most. Each service has its own bound
 queue (a `Lane`); a batch is claimed only for a service whose queue has room, so a slow
 service never holds up another and no claimed batch waits outside a queue.
 
-Per recipient it normalises the number, drops opted-out numbers, renders the text and
+Per recipient it normalises the number, drops opted-out numbers, holds back rows outside
+their local sending window (they wait, pending, for its opening: producer_release_due
+makes them claimable then, so waiting rows cost no claim), renders the text and
 checks it; rows that must not be sent get their final status in one set-based statement
 (only when there are any) and the rest become one request body, encoded once. What the
 checks found for the rows sent (number, encoding, parts) travels with the batch and is
@@ -20,13 +22,21 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
-from campaign import codes, db, metrics, payload
+from campaign import codes, db, metrics, payload, window
 from campaign.batch import Batch, Lane
-from campaign.config import ProducerSettings
-from campaign.prepare import Campaign, Claimed, Prepared, normalise_all, prepare
+from campaign.config import PolicySettings, ProducerSettings
+from campaign.prepare import (
+    WINDOW_CODES,
+    Campaign,
+    Claimed,
+    Prepared,
+    normalise_all,
+    prepare,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +50,10 @@ QUERIES = (
     "producer_expire_pending",
     "producer_unknown_service_campaigns",
     "producer_renew_leases",
+    "producer_release_due",
+    "producer_defer_recipients",
+    "producer_judge_canaries",
+    "producer_brake_campaigns",
 )
 SWEEP_CHUNK = 10_000
 # How often claims start again from each campaign's first due row (see Producer._after).
@@ -73,6 +87,22 @@ async def claim_batch(
     return await pool.fetch(sql, campaign_id, limit, service, worker_id, lease_s, after_id)
 
 
+async def store_deferred(
+    conn: db.PoolConnection, sql: str, batch_id: int, deferred: Sequence[Prepared]
+) -> None:
+    """producer_defer_recipients: rows outside their sending window wait or expire."""
+    await conn.fetchval(
+        sql,
+        batch_id,
+        [p.id for p in deferred],
+        [p.status for p in deferred],
+        [p.msisdn_e164 for p in deferred],
+        [p.next_attempt_at for p in deferred],
+        [p.error_code for p in deferred],
+        [p.error_message for p in deferred],
+    )
+
+
 async def store_final(
     conn: db.PoolConnection, sql: str, batch_id: int, final: Sequence[Prepared]
 ) -> None:
@@ -99,8 +129,10 @@ class Producer:
         worker_id: str,
         notify_url: str | None,
         clock: Callable[[], float] = time.monotonic,
+        policy: PolicySettings | None = None,
     ) -> None:
         self._pool = pool
+        self._policy = policy or PolicySettings()
         self._queries = db.require(queries, QUERIES)
         self._lanes = lanes
         self._settings = settings
@@ -154,6 +186,8 @@ class Producer:
         between them (SKIP LOCKED), sending small campaigns in several requests.
         """
         self._wake.clear()
+        if await self.release_due():
+            self._after.clear()  # the rows released may lie below a cursor
         if self._clock() - self._rescanned >= RESCAN_S:
             self._rescanned = self._clock()
             self._after.clear()
@@ -202,15 +236,24 @@ class Producer:
                 self._after.clear()  # due rows may wait below a cursor: look from the start
                 continue
             lane = self._lanes[row["service"]]
-            campaign = Campaign.from_record(row, default_sender_id=lane.settings.sender_id)
+            campaign = Campaign.from_record(
+                row,
+                default_sender_id=lane.settings.sender_id,
+                default_window=window.Window.parse(lane.settings.send_window),
+            )
             start = self._after.pop(campaign.id, 0)
+            limit = lane.limiter.max_batch
+            if row["canary_left"] is not None:
+                # In its canary: no more than the canary still takes (a concurrent worker
+                # may take as many: the canary overshoots by a batch at most).
+                limit = min(limit, row["canary_left"])
             lane.claiming += 1
             try:
                 records = await claim_batch(
                     self._pool,
                     self._queries["producer_claim_batch"],
                     campaign_id=campaign.id,
-                    limit=lane.limiter.max_batch,
+                    limit=limit,
                     service=lane.name,
                     worker_id=self._worker_id,
                     lease_s=self._settings.lease_s,
@@ -220,7 +263,7 @@ class Producer:
                 lane.claiming -= 1
                 raise
             if records:
-                if len(records) >= lane.limiter.max_batch:
+                if len(records) >= limit:
                     self._after[campaign.id] = max(r["id"] for r in records)
                 return _Claim(campaign, lane, records)
             lane.claiming -= 1
@@ -250,19 +293,38 @@ class Producer:
                 r["msisdn"]
                 for r in await conn.fetch(self._queries["producer_suppressed_numbers"], valid)
             }
+            planner = None
+            if campaign.send_window is not None:
+                planner = window.Planner(
+                    campaign.send_window,
+                    default_timezone=lane.settings.default_timezone,
+                    now=datetime.now(UTC),
+                )
             prepared = prepare(
                 campaign,
                 rows,
                 numbers,
                 suppressed=suppressed,
                 plus_prefix=lane.settings.plus_prefix,
+                planner=planner,
             )
             # Rows to send stay as claimed: their checks are written with their results.
-            final = [p for p in prepared if p.destination is None]
+            held = [p for p in prepared if p.destination is None and p.error_code in WINDOW_CODES]
+            final = [
+                p for p in prepared if p.destination is None and p.error_code not in WINDOW_CODES
+            ]
             if final:
                 await store_final(
                     conn, self._queries["producer_prepare_recipients"], batch_id, final
                 )
+            if held:
+                await store_deferred(
+                    conn, self._queries["producer_defer_recipients"], batch_id, held
+                )
+                waiting = sum(p.status == "pending" for p in held)
+                deferred = metrics.WINDOW_DEFERRED
+                deferred.labels(service=lane.name, outcome="waiting").inc(waiting)
+                deferred.labels(service=lane.name, outcome="expired").inc(len(held) - waiting)
         ready = [p for p in prepared if p.destination is not None]
         self._warn_if_mostly_invalid(campaign.id, batch_id, prepared)
         log.info(
@@ -274,9 +336,10 @@ class Producer:
             destinations=len(ready),
             invalid=sum(p.status == "invalid" for p in prepared),
             suppressed=sum(p.status == "suppressed" for p in prepared),
+            outside_window=len(held),
         )
         metrics.count_final(
-            {s: sum(p.status == s for p in prepared) for s in ("invalid", "suppressed")}
+            {s: sum(p.status == s for p in prepared) for s in ("invalid", "suppressed", "expired")}
         )
         if ready:
             lane.held.add(batch_id)
@@ -333,6 +396,10 @@ class Producer:
             prepared=tuple(destinations),
         )
 
+    async def release_due(self) -> int:
+        """Rows whose retry backoff or sending window is over become claimable again."""
+        return await self._sweep("producer_release_due")
+
     async def renew_leases(self) -> int:
         """Extend the leases of batches still waiting here; returns how many were renewed.
 
@@ -349,13 +416,51 @@ class Producer:
         return len(renewed)
 
     async def sweep(self) -> tuple[int, int]:
-        """Cancelled and expired campaigns' pending rows get their final status."""
+        """Cancelled and expired campaigns' pending rows get their final status; canaries
+        are judged and the failure brake applied."""
         cancelled = await self._sweep("producer_cancel_pending")
         expired = await self._sweep("producer_expire_pending")
         if cancelled or expired:
             log.info("pending_swept", cancelled=cancelled, expired=expired)
         await self._report_unknown_services()
+        await self.apply_brakes()
         return cancelled, expired
+
+    async def apply_brakes(self) -> list[int]:
+        """Judge canaries that are done and pause campaigns failing too much; returns the
+        campaigns paused."""
+        paused: list[int] = []
+        for row in await self._pool.fetch(
+            self._queries["producer_judge_canaries"], self._policy.canary_wait_s
+        ):
+            if row["paused"]:
+                paused.append(row["id"])
+                self._log_paused(row["id"], "canary", row["paused_reason"])
+            else:
+                log.info(
+                    "campaign_canary_passed",
+                    campaign_id=row["id"],
+                    delivered=row["delivered"],
+                    failed=row["failed"],
+                )
+        for row in await self._pool.fetch(
+            self._queries["producer_brake_campaigns"], self._policy.failure_window
+        ):
+            paused.append(row["id"])
+            self._log_paused(row["id"], "brake", row["paused_reason"])
+        return paused
+
+    @staticmethod
+    def _log_paused(campaign_id: int, by: str, reason: str) -> None:
+        metrics.CAMPAIGNS_AUTO_PAUSED.labels(by=by).inc()
+        log.warning(
+            "campaign_auto_paused",
+            campaign_id=campaign_id,
+            by=by,
+            reason=reason,
+            hint="see `campaign status ID`; resume with `campaign resume ID` "
+            "(or status = 'ready') once the cause is fixed",
+        )
 
     async def _report_unknown_services(self) -> None:
         rows = await self._pool.fetch(

@@ -10,6 +10,7 @@ so a new status or move is added here first.
        |                     |   +--sender--> rejected / failed / expired (final)
        |                     |   +--sender--> unknown (in doubt) --recovery--> pending / failed
        |                     +--producer--> invalid / suppressed (final)
+       +--producer-- (outside its sending window: waits for the opening, or expired)
        +--sender / recovery-- (retry, a batch given back)
     pending --producer--> cancelled / expired (sweeps of cancelled and expired campaigns)
 """
@@ -94,6 +95,9 @@ _NOT_SENDING = set(RECIPIENT_STATUSES) - {"sending"}
 TRANSITIONS: Final[tuple[Move, ...]] = (
     _move("producer", "producer_claim_batch", {"pending"}, {"sending"}),
     _move("producer", "producer_prepare_recipients", {"sending"}, {"invalid", "suppressed"}),
+    # Outside the recipient's sending window: back to pending until it opens (attempts
+    # unchanged), or expired when it opens only after the campaign's expires_at.
+    _move("producer", "producer_defer_recipients", {"sending"}, {"pending", "expired"}),
     _move("producer", "producer_cancel_pending", {"pending"}, {"cancelled"}),
     _move("producer", "producer_expire_pending", {"pending"}, {"expired"}),
     # The submit response, per destination; `unknown` rows of the batch can still take

@@ -53,6 +53,7 @@ QUERIES = (
     "demo_is_suppressed",
     "demo_campaign_status",
     "demo_delivery_stats",
+    "demo_guard_rails",
     "demo_delete_earlier",
     "demo_vacuum",
     "demo_limit_wal",
@@ -76,6 +77,8 @@ BAD_NUMBERS = ("12345", "not a number", "+999123456789", "")
 # A realistic mix of final report codes (see the API facts): mostly delivered.
 OUTCOMES = {"7500": 0.93, "7203": 0.02, "7102": 0.01, "7206": 0.01, "7208": 0.01, "7201": 0.02}
 TIMEOUT_S = 600.0
+# The demo campaign sends this many recipients first and judges them before the rest.
+CANARY_SIZE = 100
 
 
 def _free_port() -> int:
@@ -186,7 +189,9 @@ class Screen:
 
 async def _seed(conn: db.Connection, recipients: int) -> tuple[int, int]:
     """Create the campaign (draft) and its recipients; returns (campaign id, rows)."""
-    campaign_id = await conn.fetchval(_queries()["demo_create_campaign"], SERVICE, BODY)
+    campaign_id = await conn.fetchval(
+        _queries()["demo_create_campaign"], SERVICE, BODY, min(CANARY_SIZE, recipients)
+    )
     good = max(recipients - len(BAD_NUMBERS) - 1, 0)
     await conn.execute(_queries()["demo_seed_recipients"], campaign_id, good)
     # Bad input a real list carries: malformed numbers, and a row without its variables.
@@ -396,7 +401,10 @@ async def _follow(
     send_window_s = (
         (stats["last_sent"] - stats["first_sent"]).total_seconds() if stats["first_sent"] else 0.0
     )
+    guards = await conn.fetchrow(_queries()["demo_guard_rails"], campaign_id)
+    assert guards is not None
     return {
+        "guard_rails": _guard_rails(guards),
         "completed": completed,
         "counts": counts,
         "total": total,
@@ -406,6 +414,28 @@ async def _follow(
         "reports_s": reports_s,
         "lag": list(stats["lag"] or []),
     }
+
+
+def _guard_rails(row: db.Record) -> str:
+    """What the campaign's sending window, canary and brake were and did, in one line."""
+    parts = []
+    if row["window_start"] is not None:
+        parts.append(
+            f"window {row['window_start']:%H:%M}-{row['window_end']:%H:%M} recipients' local "
+            f"time ({row['waiting_for_window']:,} waiting)"
+        )
+    if row["canary_size"] is not None:
+        verdict = "judged, sending went on" if row["canary_judged_at"] else "not judged"
+        if row["status"] == "paused" and (row["paused_reason"] or "").startswith("canary"):
+            verdict = "failed, campaign paused"
+        parts.append(f"canary {row['canary_size']:,} ({verdict})")
+    if row["max_failure_ratio"] is not None:
+        braked = row["status"] == "paused" and (row["paused_reason"] or "").startswith("brake")
+        parts.append(
+            f"brake at {row['max_failure_ratio']:.0%} failed"
+            + (" (fired: paused)" if braked else " (not fired)")
+        )
+    return ", ".join(parts)
 
 
 def _print_summary(
@@ -428,6 +458,8 @@ def _print_summary(
         f"  accepted by the API   {summary['accepted']:,}"
         + (f" at {rate:,.0f} destinations/s\n" if rate else "\n")
     )
+    if summary.get("guard_rails"):
+        out.write(f"  guard rails           {summary['guard_rails']}\n")
     lag = summary["lag"]
     if lag:
         out.write(

@@ -28,6 +28,7 @@ QUERIES = (
     "status_reasons",
     "status_live_senders",
     "status_send_window",
+    "status_window_waiting",
 )
 # Statuses whose reasons are worth listing, and how many reasons are shown.
 EXPLAINED = ("invalid", "failed", "rejected", "expired")
@@ -65,6 +66,15 @@ class CampaignStatus:
     report_lag_p95_s: float | None
     reasons: list[Reason] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Guard rails while sending: the campaign's own window ("09:00-21:00", None: the
+    # service's or none), recipients waiting for their window and its next opening, the
+    # canary and brake settings, and why the worker paused it.
+    send_window: str | None = None
+    waiting_for_window: int = 0
+    next_window_opening: str | None = None
+    canary_size: int | None = None
+    max_failure_ratio: float | None = None
+    paused_reason: str | None = None
 
 
 async def collect(
@@ -117,6 +127,11 @@ async def _one(conn: db.Connection, queries: Mapping[str, str], row: Any) -> Cam
             f"{counts['invalid'] / total:.0%} of the recipients are invalid: see the reasons"
         )
     oldest: dt.datetime | None = activity["oldest_pending"]
+    waiting = await conn.fetchrow(queries["status_window_waiting"], row["id"])
+    assert waiting is not None
+    opening: dt.datetime | None = waiting["next_opening"]
+    if row["paused_reason"] and state == "paused":
+        warnings.append(f"paused by the worker: {row['paused_reason']}")
     return CampaignStatus(
         id=row["id"],
         name=row["name"],
@@ -132,6 +147,16 @@ async def _one(conn: db.Connection, queries: Mapping[str, str], row: Any) -> Cam
         report_lag_p95_s=_round(activity["p95_s"]),
         reasons=reasons,
         warnings=warnings,
+        send_window=(
+            f"{row['window_start']:%H:%M}-{row['window_end']:%H:%M}"
+            if row["window_start"] is not None
+            else None
+        ),
+        waiting_for_window=int(waiting["waiting"]),
+        next_window_opening=opening.isoformat() if opening else None,
+        canary_size=row["canary_size"],
+        max_failure_ratio=_round(row["max_failure_ratio"]),
+        paused_reason=row["paused_reason"],
     )
 
 
@@ -155,6 +180,22 @@ def _pace(c: CampaignStatus) -> str:
     if c.status in FINISHED:
         return f"average rate {c.rate_per_s:,.1f}/s" if c.rate_per_s is not None else "not sent"
     return c.status
+
+
+def _guard_rails(c: CampaignStatus) -> list[str]:
+    parts = []
+    if c.send_window is not None:
+        parts.append(f"window {c.send_window} local")
+    if c.waiting_for_window:
+        parts.append(
+            f"waiting for their window {c.waiting_for_window:,} "
+            f"(next opens {c.next_window_opening})"
+        )
+    if c.canary_size is not None:
+        parts.append(f"canary {c.canary_size:,}")
+    if c.max_failure_ratio is not None:
+        parts.append(f"brake at {c.max_failure_ratio:.0%} failed")
+    return parts
 
 
 def render(campaigns: Sequence[CampaignStatus]) -> str:
@@ -186,6 +227,9 @@ def render(campaigns: Sequence[CampaignStatus]) -> str:
             else "-"
         )
         lines.append(f"  {_pace(c)}  oldest pending {c.oldest_pending or '-'}  report lag {lag}")
+        guards = _guard_rails(c)
+        if guards:
+            lines.append("  " + "  ".join(guards))
         lines.append("")
     return "\n".join(lines)
 

@@ -1,13 +1,30 @@
 -- `campaign demo`: seed one campaign and follow it to completion.
 
 -- name: demo_create_campaign
--- The demo's campaign, as a draft: smartlink 1, priority 3, a day to live.
--- $1 service $2 body
+-- The demo's campaign, as a draft: smartlink 1, priority 3, a day to live; guard rails
+-- while sending: a twelve-hour sending window that is open now in India (where the demo's
+-- numbers are), a canary of $3 recipients and a brake at 25 % failures.
+-- $1 service $2 body $3 canary size
 INSERT INTO campaign.campaigns (name, service, body, smartlinks, priority, expires_at,
-                                callback_data)
+                                callback_data, window_start, window_end, canary_size,
+                                max_failure_ratio)
 VALUES ('demo ' || to_char(now(), 'YYYY-MM-DD HH24:MI:SS'), $1, $2,
-        '[{"linkid": 1, "validity": 1440}]', 3, now() + interval '1 day', 'demo')
+        '[{"linkid": 1, "validity": 1440}]', 3, now() + interval '1 day', 'demo',
+        date_trunc('minute', (now() AT TIME ZONE 'Asia/Kolkata') - interval '2 hours')::time,
+        date_trunc('minute', (now() AT TIME ZONE 'Asia/Kolkata') + interval '10 hours')::time,
+        $3, 0.25)
 RETURNING id;
+
+-- name: demo_guard_rails
+-- The campaign's guard rails while sending and what they did, for the summary.
+-- $1 campaign id
+SELECT c.window_start, c.window_end, c.canary_size, c.max_failure_ratio,
+       c.canary_judged_at, c.status, c.paused_reason,
+       (SELECT count(*) FROM campaign.recipients r
+         WHERE r.campaign_id = c.id AND r.status = 'pending'
+           AND r.error_code = 'outside_window') AS waiting_for_window
+  FROM campaign.campaigns c
+ WHERE c.id = $1;
 
 -- name: demo_seed_recipients
 -- $2 valid recipients numbered 1..$2 with their variables, in one statement.

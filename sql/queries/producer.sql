@@ -8,15 +8,31 @@
 -- just emptied are passed in $2 so one pass does not spin on them.
 -- $1 services (text[]), $2 campaign ids to skip (bigint[]), $3 jsonb object: campaign id ->
 -- recipient id this worker has claimed up to (see producer_claim_batch), so the probe starts there.
+-- A campaign in its canary (canary_size set, not judged yet) returns canary_left, how many
+-- more recipients its canary takes (sent or being sent, counted through
+-- recipients_campaign_status_idx: at most canary_size rows), and is passed over once that
+-- is zero, until producer_judge_canaries has judged it; other campaigns return NULL.
 SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.priority,
-       c.expires_at, c.callback_data
+       c.expires_at, c.callback_data, c.window_start, c.window_end, k.canary_left
   FROM campaign.campaigns c
+ CROSS JOIN LATERAL (
+       SELECT CASE WHEN c.canary_size IS NOT NULL AND c.canary_judged_at IS NULL
+                   THEN c.canary_size - (
+                        SELECT count(*)
+                          FROM campaign.recipients x
+                         WHERE x.campaign_id = c.id
+                           AND x.status IN ('sending', 'queued', 'unknown', 'delivered',
+                                            'failed', 'rejected'))
+              END AS canary_left) k
  WHERE c.status IN ('ready', 'running')
+   AND (k.canary_left IS NULL OR k.canary_left > 0)
    AND c.service = ANY($1::text[])
    AND NOT c.id = ANY($2::bigint[])
    AND (c.send_after IS NULL OR c.send_after <= now())
    AND (c.expires_at IS NULL OR c.expires_at > now())
    -- One probe of recipients_pending_idx per candidate, stopping at its first due row.
+   -- The index holds only rows due at once (next_attempt_at NULL): rows waiting for their
+   -- window or a retry are in recipients_waiting_idx until producer_release_due.
    -- Written as EXISTS, the planner may hash-join a scan of every recipient, or walk the
    -- primary key through rows already sent, because its statistics still call them
    -- pending; a range on campaign_id plus an ORDER BY only that index provides keeps this
@@ -26,14 +42,14 @@ SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.prio
          WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id
            AND r.id > coalesce(($3::jsonb ->> c.id::text)::bigint, 0)
            AND r.status = 'pending'
-           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+           AND r.next_attempt_at IS NULL
          ORDER BY r.campaign_id, r.id
          LIMIT 1) IS NOT NULL
  ORDER BY c.priority DESC, c.id
  LIMIT 1;
 
 -- name: producer_claim_batch
--- Claim up to $2 due recipients of one campaign, oldest first, for this worker: a batches
+-- Claim up to $2 due recipients (next_attempt_at NULL) of one campaign, oldest first, for this worker: a batches
 -- row holds the lease, the recipients move to 'sending' with its id. SKIP LOCKED lets two
 -- workers claim from one campaign at once without ever taking the same row; the campaign
 -- check is repeated here so a pause or cancel committed since producer_next_campaign wins. A ready
@@ -54,7 +70,7 @@ WITH picked AS (
      WHERE r.campaign_id >= $1 AND r.campaign_id <= $1
        AND r.id > $6
        AND r.status = 'pending'
-       AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+       AND r.next_attempt_at IS NULL
        AND EXISTS (
             SELECT 1
               FROM campaign.campaigns c
@@ -169,6 +185,7 @@ SELECT c.id, c.service
    AND (SELECT r.id
           FROM campaign.recipients r
          WHERE r.campaign_id >= c.id AND r.campaign_id <= c.id AND r.status = 'pending'
+           AND r.next_attempt_at IS NULL
          ORDER BY r.campaign_id, r.id
          LIMIT 1) IS NOT NULL
  ORDER BY c.id
@@ -183,3 +200,159 @@ UPDATE campaign.batches
    SET lease_until = now() + make_interval(secs => $3)
  WHERE id = ANY($1::bigint[]) AND worker_id = $2 AND status = 'claimed'
 RETURNING id;
+
+-- name: producer_release_due
+-- Rows whose wait is over (a retry's backoff, a sending window that opened) become due:
+-- next_attempt_at NULL moves them from recipients_waiting_idx into recipients_pending_idx,
+-- where claims find them. One range of the waiting index, so rows still waiting cost
+-- nothing however many there are. Bounded like the sweeps; call again while it returns $1.
+-- $1 maximum rows
+WITH due AS (
+    SELECT r.id
+      FROM campaign.recipients r
+     WHERE r.status = 'pending'
+       AND r.next_attempt_at IS NOT NULL
+       AND r.next_attempt_at <= now()
+     ORDER BY r.next_attempt_at
+     LIMIT $1
+       FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE campaign.recipients r
+   SET next_attempt_at = NULL, updated_at = now()
+  FROM due
+ WHERE r.id = due.id AND r.status = 'pending';
+
+-- name: producer_defer_recipients
+-- Claimed rows outside their sending window leave the batch: back to 'pending' with
+-- next_attempt_at at the window's next opening (attempts unchanged, so waiting is not a
+-- try), or 'expired' when the window opens only after the campaign's expires_at. The
+-- batch keeps the count still to send and is closed at once when that is zero, as in
+-- producer_prepare_recipients. Only called when there is at least one such row.
+-- $1 batch id; arrays of equal length: $2 ids, $3 statuses ('pending' or 'expired'),
+-- $4 msisdn_e164, $5 next_attempt_at (NULL for expired rows), $6 error codes,
+-- $7 error messages
+WITH updated AS (
+    UPDATE campaign.recipients r
+       SET status = CASE WHEN u.status = 'expired' THEN 'expired' ELSE 'pending' END,
+           msisdn_e164 = u.msisdn_e164,
+           next_attempt_at = u.next_attempt_at,
+           error_code = u.error_code,
+           error_message = u.error_message,
+           updated_at = now()
+      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                  $7::text[])
+           AS u(id, status, msisdn_e164, next_attempt_at, error_code, error_message)
+     WHERE r.id = u.id AND r.batch_id = $1 AND r.status = 'sending'
+    RETURNING r.id
+), left_to_send AS (
+    SELECT b.destinations - (SELECT count(*) FROM updated) AS n
+      FROM campaign.batches b
+     WHERE b.id = $1
+)
+UPDATE campaign.batches b
+   SET destinations = l.n,
+       status = CASE WHEN l.n = 0 THEN 'done' ELSE b.status END,
+       finished_at = CASE WHEN l.n = 0 THEN now() ELSE b.finished_at END
+  FROM left_to_send l
+ WHERE b.id = $1
+RETURNING b.destinations;
+
+-- name: producer_judge_canaries
+-- Campaigns whose canary is out (canary_size recipients sent or being sent) and done:
+-- every one of them has a final status, or the last was accepted $1 seconds ago. Failed
+-- (failed or rejected) / (delivered + failed) above max_failure_ratio pauses the campaign
+-- with the ratio and the commonest codes as its reason; otherwise sending goes on.
+-- Either way the canary is judged once (canary_judged_at), so a resumed campaign is not
+-- held again. Returns the campaigns judged, paused or not, for the log.
+-- $1 canary_wait_s
+WITH canary AS (
+    SELECT c.id, c.max_failure_ratio, s.delivered, s.failed, s.codes
+      FROM campaign.campaigns c
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS taken,
+                  count(*) FILTER (WHERE x.status IN ('sending', 'queued', 'unknown')) AS open,
+                  count(*) FILTER (WHERE x.status = 'delivered') AS delivered,
+                  count(*) FILTER (WHERE x.status IN ('failed', 'rejected')) AS failed,
+                  max(x.sent_at) AS last_sent,
+                  (SELECT string_agg(t.code || ' x' || t.n, ', ' ORDER BY t.n DESC, t.code)
+                     FROM (SELECT coalesce(y.dr_code, y.error_code, '?') AS code, count(*) AS n
+                             FROM campaign.recipients y
+                            WHERE y.campaign_id = c.id AND y.status IN ('failed', 'rejected')
+                            GROUP BY 1
+                            ORDER BY n DESC, code
+                            LIMIT 3) t) AS codes
+             FROM campaign.recipients x
+            WHERE x.campaign_id = c.id
+              AND x.status IN ('sending', 'queued', 'unknown', 'delivered', 'failed',
+                               'rejected')) s
+     WHERE c.status IN ('ready', 'running')
+       AND c.canary_size IS NOT NULL
+       AND c.canary_judged_at IS NULL
+       AND s.taken >= c.canary_size
+       AND (s.open = 0 OR s.last_sent < now() - make_interval(secs => $1))
+       FOR UPDATE OF c SKIP LOCKED
+), verdict AS (
+    SELECT canary.*,
+           canary.max_failure_ratio IS NOT NULL AND canary.failed > 0
+               AND canary.failed > canary.max_failure_ratio * (canary.delivered + canary.failed)
+               AS paused
+      FROM canary
+)
+UPDATE campaign.campaigns c
+   SET canary_judged_at = now(),
+       status = CASE WHEN v.paused THEN 'paused' ELSE c.status END,
+       paused_reason = CASE WHEN v.paused THEN
+           'canary: ' || v.failed || ' of ' || (v.delivered + v.failed) || ' reports failed ('
+           || round(100.0 * v.failed / (v.delivered + v.failed), 1) || '% > '
+           || round(100.0 * v.max_failure_ratio::numeric, 1) || '%); top codes: ' || v.codes
+           ELSE c.paused_reason END,
+       updated_at = now()
+  FROM verdict v
+ WHERE c.id = v.id
+RETURNING c.id, v.paused, v.delivered, v.failed, c.paused_reason;
+
+-- name: producer_brake_campaigns
+-- The rolling brake: a running campaign with max_failure_ratio whose latest $1 final
+-- outcomes (delivered, failed, rejected; since the last resume, brake_since) are all in
+-- and hold more failures than the ratio allows is paused with the ratio and the
+-- commonest codes as its reason. Reads $1 entries of recipients_final_idx per campaign.
+-- Requests in flight finish; batches not yet posted are given back (sender_mark_posting).
+-- $1 failure_window
+WITH latest AS (
+    SELECT c.id, c.max_failure_ratio, w.n, w.failed, w.codes
+      FROM campaign.campaigns c
+     CROSS JOIN LATERAL (
+           WITH last AS (
+               SELECT x.status, coalesce(x.dr_code, x.error_code, '?') AS code
+                 FROM campaign.recipients x
+                WHERE x.campaign_id = c.id
+                  AND x.status IN ('delivered', 'failed', 'rejected')
+                  AND x.updated_at >= coalesce(c.brake_since, '-infinity')
+                ORDER BY x.updated_at DESC
+                LIMIT $1
+           )
+           SELECT count(*) AS n,
+                  count(*) FILTER (WHERE last.status <> 'delivered') AS failed,
+                  (SELECT string_agg(t.code || ' x' || t.n, ', ' ORDER BY t.n DESC, t.code)
+                     FROM (SELECT l.code, count(*) AS n
+                             FROM last l
+                            WHERE l.status <> 'delivered'
+                            GROUP BY 1
+                            ORDER BY n DESC, l.code
+                            LIMIT 3) t) AS codes
+             FROM last) w
+     WHERE c.status IN ('ready', 'running')
+       AND c.max_failure_ratio IS NOT NULL
+       AND w.n >= $1
+       AND w.failed > c.max_failure_ratio * w.n
+       FOR UPDATE OF c SKIP LOCKED
+)
+UPDATE campaign.campaigns c
+   SET status = 'paused',
+       paused_reason = 'brake: ' || l.failed || ' of the last ' || l.n || ' reports failed ('
+           || round(100.0 * l.failed / l.n, 1) || '% > '
+           || round(100.0 * l.max_failure_ratio::numeric, 1) || '%); top codes: ' || l.codes,
+       updated_at = now()
+  FROM latest l
+ WHERE c.id = l.id AND c.status IN ('ready', 'running')
+RETURNING c.id, l.n, l.failed, c.paused_reason;

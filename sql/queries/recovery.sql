@@ -97,8 +97,8 @@ RETURNING r.status;
 
 -- name: recovery_work_remaining
 -- Whether drain mode must keep going: rows in flight or in doubt, or pending rows of
--- runnable (or cancelled, not yet swept) campaigns whose send_after has passed, on the
--- services this worker sends for.
+-- runnable (or cancelled, not yet swept) campaigns whose send_after has passed and that
+-- do not wait for their sending window to open, on the services this worker sends for.
 -- $1 services (text[])
 SELECT EXISTS (
     SELECT 1
@@ -108,4 +108,7 @@ SELECT EXISTS (
        AND (r.status IN ('sending', 'unknown')
             OR (r.status = 'pending'
                 AND c.status IN ('ready', 'running', 'cancelled')
-                AND (c.send_after IS NULL OR c.send_after <= now()))));
+                AND (c.send_after IS NULL OR c.send_after <= now())
+                -- Waiting hours for a sending window to open is not drain mode's work.
+                AND (r.error_code IS DISTINCT FROM 'outside_window'
+                     OR r.next_attempt_at IS NULL OR r.next_attempt_at <= now()))));

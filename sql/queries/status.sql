@@ -4,7 +4,8 @@
 -- One row per campaign (all, or the one asked for), newest first, with counts per
 -- recipient status as a jsonb object. $1 campaign id or NULL for all; $2 row limit.
 SELECT c.id, c.name, c.service, c.status, c.priority, c.created_at, c.started_at,
-       c.completed_at,
+       c.completed_at, c.window_start, c.window_end, c.canary_size, c.max_failure_ratio,
+       c.paused_reason,
        coalesce((SELECT jsonb_object_agg(s.status, s.n)
                    FROM (SELECT r.status, count(*) AS n
                            FROM campaign.recipients r
@@ -56,3 +57,12 @@ SELECT min(sent_at) AS first_sent, max(sent_at) AS last_sent,
        count(sent_at) AS accepted
   FROM campaign.recipients
  WHERE campaign_id = $1;
+
+-- name: status_window_waiting
+-- How many of one campaign's recipients wait for their sending window to open, and when
+-- the first of them opens (producer_defer_recipients marked them).
+-- $1 campaign id
+SELECT count(*) AS waiting, min(next_attempt_at) AS next_opening
+  FROM campaign.recipients
+ WHERE campaign_id = $1 AND status = 'pending' AND error_code = 'outside_window'
+   AND next_attempt_at > now();

@@ -53,6 +53,12 @@ async def test_demo_piped_prints_a_line_per_stage_and_logs_to_its_file(
     assert int(rows["suppressed"][1]) == 1
     assert int(rows["delivered"][1].replace(",", "")) > 1600
     assert "report lag" in out and "data: postgresql://" in out
+    # Guard rails while sending: a window open now for the (Indian) recipients, a canary
+    # judged good (the demo's outcomes fail about 6 %), a brake that did not fire.
+    guards = next(line for line in out.splitlines() if "guard rails" in line)
+    assert "recipients' local time (0 waiting)" in guards
+    assert "canary 100 (judged, sending went on)" in guards
+    assert "brake at 25% failed (not fired)" in guards
 
     # The page the summary offers: the campaign's dashboard as one file.
     page = next(line.split() for line in out.splitlines() if line.strip().startswith("page:"))
@@ -81,7 +87,7 @@ async def test_demo_deletes_earlier_demo_campaigns_and_nothing_else(
 ) -> None:
     queries = db.load_queries()
     # An interrupted earlier run: its campaign, recipients and a matched report are left.
-    earlier = await conn.fetchval(queries["demo_create_campaign"], SERVICE, "Hi $(name)")
+    earlier = await conn.fetchval(queries["demo_create_campaign"], SERVICE, "Hi $(name)", 10)
     await conn.execute(queries["demo_seed_recipients"], earlier, 50)
     await conn.execute(
         "INSERT INTO campaign.delivery_reports (transid, code, state, recipient_id, raw) "

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "campaign.ratelimit": 0,
     "campaign.aio": 0,
     "campaign.netaddr": 0,
+    "campaign.window": 0,
     "campaign.payload": 1,
     "campaign.reports": 1,
     # The receiver's connection guard (allow-list at accept, request read deadlines).

@@ -249,3 +249,34 @@ def test_every_form_of_dsn_password_is_masked_and_known_to_the_redactor(
     assert sorted(config.dsn_passwords(dsn)) == sorted(passwords)
     monkeypatch.setenv(config.ENV_DSN, dsn)
     assert set(passwords) <= set(config.Settings().secrets())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[services.s]\nkey = 'k'\nsend_window = '9-21'\n", "send_window: '9-21' is not like"),
+        ("[services.s]\nkey = 'k'\nsend_window = '09:00-24:00'\n", "does not exist"),
+        ("[services.s]\nkey = 'k'\nsend_window = '09:00-09:00'\n", "same time"),
+        ("[services.s]\nkey = 'k'\ndefault_timezone = 'Mars/Base'\n", "default_timezone:"),
+        ("[policy]\ncanary_wait_s = 0\n", "[policy] canary_wait_s: must be greater than 0"),
+        ("[policy]\nfailure_window = 0\n", "[policy] failure_window: must be greater than 0"),
+    ],
+)
+def test_guard_rail_keys_are_checked(text: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.parse(tomllib.loads(text))
+
+
+def test_guard_rail_keys() -> None:
+    settings = config.parse(
+        tomllib.loads(
+            "[services.s]\nkey = 'k'\nsend_window = '22:00-06:00'\n"
+            "default_timezone = 'Europe/London'\n[policy]\ncanary_wait_s = 30\n"
+            "failure_window = 200\n"
+        )
+    )
+    assert settings.services["s"].send_window == "22:00-06:00"
+    assert settings.services["s"].default_timezone == "Europe/London"
+    assert (settings.policy.canary_wait_s, settings.policy.failure_window) == (30.0, 200)
+    defaults = config.Settings()
+    assert (defaults.policy.canary_wait_s, defaults.policy.failure_window) == (600.0, 1000)
