@@ -47,7 +47,7 @@ def test_no_metric_has_an_unbounded_label() -> None:
     for name, metric in _metric_objects().items():
         labels = set(metric._labelnames)
         assert "campaign_id" not in labels, name
-        assert labels <= {"service", "outcome", "result", "status", "role"}, (name, labels)
+        assert labels <= {"service", "outcome", "result", "status", "role", "by"}, (name, labels)
 
 
 def test_reports_and_incoming_messages_are_counted_apart() -> None:
