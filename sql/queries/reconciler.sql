@@ -15,10 +15,10 @@
 -- report without one comes before every report with one, and among reports without one
 -- the later arrival (the higher id) wins. A report of a superseded attempt (its transid
 -- is not the recipient's) is linked to the recipient and changes nothing.
--- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] (the code table,
--- 'queued' = interim) $5 status for any other code
+-- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] $5 meanings[] (the
+-- code table, 'queued' = interim) $6 status for any other code
 WITH codes AS (
-    SELECT * FROM unnest($3::text[], $4::text[]) AS t(code, status)
+    SELECT * FROM unnest($3::text[], $4::text[], $5::text[]) AS t(code, status, meaning)
 ),
 picked AS (
     SELECT d.id, d.transid, d.correlation_id, d.code, d.delivery_status, d.description,
@@ -30,7 +30,9 @@ picked AS (
        FOR UPDATE SKIP LOCKED
 ),
 rated AS (
-    SELECT p.*, coalesce(c.status, $5::text) AS status
+    SELECT p.*, coalesce(c.status, $6::text) AS status,
+           CASE WHEN p.code IS NOT NULL THEN coalesce(c.meaning, 'undocumented code') END
+               AS meaning
       FROM picked p
       LEFT JOIN codes c ON c.code = p.code
 ),
@@ -98,6 +100,7 @@ applied AS (
            transid        = coalesce(r.transid, b.transid),
            sent_at        = coalesce(r.sent_at, now()),
            dr_code        = b.code,
+           dr_meaning     = b.meaning,
            dr_status      = b.delivery_status,
            dr_description = b.description,
            dr_at          = b.reported_at,
