@@ -21,6 +21,7 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -47,8 +48,20 @@ PAGE_POLICY = (
     "img-src data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
     "base-uri 'none'"
 )
+# A campaign's figures take a few scans of its recipients (seconds for millions of them).
+# An answer is reused for CACHE_FACTOR times as long as it took to compute, and reads run
+# one at a time: however many people watch, the dashboard keeps at most one connection
+# busy about 1 / (1 + CACHE_FACTOR) of the time. Small campaigns stay fresh to the second.
+CACHE_FACTOR = 4.0
+READ_TIMEOUT_S = 30.0
 # A probe that has not answered by now counts as failed.
 PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    body: dict[str, Any] | None
+    fresh_until: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +88,12 @@ class OpsServer:
         settings: OpsSettings,
         liveness: Probe = _always_ok,
         roles_started: Probe = _always_ok,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
+        self._clock = clock
+        self._answers: dict[str, _Answer] = {}
+        self._reading = asyncio.Lock()
         self._liveness = liveness
         self._roles_started = roles_started
         self._pool: db.Pool | None = None
@@ -241,25 +258,27 @@ class OpsServer:
         )
 
     async def _api_campaigns(self, request: web.Request) -> web.Response:
-        return await self._read(lambda conn: dashboard.campaigns(conn, self._queries))
+        return await self._read("campaigns", lambda c: dashboard.campaigns(c, self._queries))
 
     async def _api_campaign(self, request: web.Request) -> web.Response:
         raw = request.match_info["campaign_id"]
         if not raw.isdecimal() or len(raw) > 18:
             return web.json_response({"error": "not_found"}, status=404)
         campaign_id = int(raw)
-        return await self._read(lambda conn: dashboard.campaign(conn, self._queries, campaign_id))
+        return await self._read(
+            f"campaign/{campaign_id}",
+            lambda conn: dashboard.campaign(conn, self._queries, campaign_id),
+        )
 
     async def _read(
-        self, fetch: Callable[[db.Connection], Awaitable[dict[str, Any] | None]]
+        self, key: str, fetch: Callable[[db.Connection], Awaitable[dict[str, Any] | None]]
     ) -> web.Response:
         pool = self._pool
         if pool is None:
             return web.json_response({"error": "database_not_connected"}, status=503)
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S * 2):
-                async with pool.acquire() as conn:
-                    body = await fetch(cast(db.Connection, conn))
+            async with self._reading:
+                body = await self._fresh(pool, key, fetch)
         except _UNAVAILABLE as exc:
             log.warning("ops_read_failed", error_type=type(exc).__name__)
             return web.json_response(
@@ -267,8 +286,27 @@ class OpsServer:
             )
         if body is None:
             return web.json_response({"error": "not_found"}, status=404)
-        body["refresh_s"] = self._settings.refresh_s
-        return web.json_response(body)
+        return web.json_response(body | {"refresh_s": self._settings.refresh_s})
+
+    async def _fresh(
+        self,
+        pool: db.Pool,
+        key: str,
+        fetch: Callable[[db.Connection], Awaitable[dict[str, Any] | None]],
+    ) -> dict[str, Any] | None:
+        """The answer for `key`: the last one while it is fresh, else read now (locked)."""
+        started = self._clock()
+        answer = self._answers.get(key)
+        if answer is not None and started < answer.fresh_until:
+            return answer.body
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            async with pool.acquire() as conn:
+                body = await fetch(cast(db.Connection, conn))
+        done = self._clock()
+        # Forget stale answers, so ids asked for once do not pile up.
+        self._answers = {k: a for k, a in self._answers.items() if done < a.fresh_until}
+        self._answers[key] = _Answer(body, done + CACHE_FACTOR * (done - started))
+        return body
 
 
 def _login_html(failed: bool) -> str:

@@ -28,6 +28,17 @@ pytestmark = pytest.mark.timeout(120)
 OPS_TOKEN = "ops-token-0123456789"
 
 
+class Clock:
+    """A clock that moves one second per reading, and jumps when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
 @asynccontextmanager
 async def ops_server(
     pool: asyncpg.Pool | None,
@@ -35,12 +46,15 @@ async def ops_server(
     token: str = "",
     liveness: ops.Probe | None = None,
     roles: ops.Probe | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[ops.OpsServer]:
     settings = config.OpsSettings(listen="127.0.0.1:0", token=token, refresh_s=2.0)
     server = ops.OpsServer(
         settings=settings,
         **({"liveness": liveness} if liveness else {}),
         **({"roles_started": roles} if roles else {}),
+        # A fixed clock by default: every read is fresh (it took no time).
+        clock=clock or (lambda: 0.0),
     )
     await server.start()
     server.attach(pool)
@@ -376,3 +390,24 @@ async def test_worker_probes_follow_its_loop_and_roles() -> None:
     assert (await worker.roles_started()).ok
     worker.request_stop()
     assert await worker.liveness() == ops.Check(True, {"phase": "stopping"})
+
+
+async def test_an_answer_is_reused_for_four_times_its_computing_time(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    cid = await create_campaign(conn, status="running")
+    await add_recipients(conn, cid, numbers(2))
+    clock = Clock()
+    async with ops_server(pool, clock=clock) as server:
+        url = f"{server.url}/api/campaigns/{cid}"
+        # Read at 1001, done at 1002 (one second): fresh until 1002 + 4 x 1 s.
+        assert (await get_json(http, url))[1]["total"] == 2
+        await add_recipients(conn, cid, numbers(3, start=10))
+        # At 1003: the same answer, the database not asked.
+        assert (await get_json(http, url))[1]["total"] == 2
+        # Another campaign or the list is another answer, read now.
+        assert (await get_json(http, f"{server.url}/api/campaigns"))[1]["campaigns"][0][
+            "total"
+        ] == 5
+        clock.now += 10.0
+        assert (await get_json(http, url))[1]["total"] == 5
