@@ -25,6 +25,7 @@ QUERIES = (
     "dashboard_series",
     "dashboard_report_delay",
     "dashboard_reasons",
+    "dashboard_window_waiting",
 )
 # Campaigns listed at most on the page.
 LIST_LIMIT = 50
@@ -134,11 +135,12 @@ async def campaign(
         }
         for r in reasons
     ]
+    window = await conn.fetchrow(queries["dashboard_window_waiting"], campaign_id)
     detail["guard_rails"] = {
         "paused_reason": row["paused_reason"],
-        # Recipients held back until their local sending window opens (issue 15): the
-        # count belongs here once the schema records it; None means "not tracked".
-        "waiting_for_window": None,
+        # Recipients held back until their local sending window opens, and the next opening.
+        "waiting_for_window": int(window["waiting"]),
+        "next_window_opening": _iso(window["next_opening"]),
     }
     return detail
 

@@ -5,12 +5,11 @@
 -- name: dashboard_campaigns
 -- One row per campaign (newest first, or the one asked for): counts per recipient status
 -- as a jsonb object, and destinations accepted in the last minute (rate and ETA).
--- paused_reason is read through to_jsonb(c), so it is NULL until a migration adds the
--- column, and the page shows it from then on without a change here.
+-- paused_reason: why the worker paused it (canary or brake), NULL otherwise.
 -- $1 campaign id or NULL for all; $2 row limit.
 SELECT c.id, c.name, c.service, c.status, c.priority, c.created_at, c.started_at,
        c.completed_at, c.expires_at,
-       to_jsonb(c) ->> 'paused_reason' AS paused_reason,
+       c.paused_reason,
        coalesce((SELECT jsonb_object_agg(s.status, s.n)
                    FROM (SELECT r.status, count(*) AS n
                            FROM campaign.recipients r
@@ -71,3 +70,12 @@ SELECT r.status, coalesce(r.dr_code, r.error_code, '') AS code, count(*) AS n
  GROUP BY 1, 2
  ORDER BY n DESC, code
  LIMIT $3;
+
+-- name: dashboard_window_waiting
+-- Recipients of one campaign waiting for their local sending window to open, and when the
+-- first of them opens (the same rows as status_window_waiting).
+-- $1 campaign id
+SELECT count(*) AS waiting, min(next_attempt_at) AS next_opening
+  FROM campaign.recipients
+ WHERE campaign_id = $1 AND status = 'pending' AND error_code = 'outside_window'
+   AND next_attempt_at > now();

@@ -176,7 +176,45 @@ async def test_api_campaign_detail(
             "count": 1,
         },
     ]
-    assert d["guard_rails"] == {"paused_reason": None, "waiting_for_window": None}
+    assert d["guard_rails"] == {
+        "paused_reason": None,
+        "waiting_for_window": 0,
+        "next_window_opening": None,
+    }
+
+
+async def test_api_campaign_detail_shows_the_guard_rails(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    cid = await seed(conn)
+    # Two of the pending recipients wait for their sending window; the worker paused it.
+    opening = await conn.fetchval(
+        """
+        WITH w AS (
+            UPDATE campaign.recipients
+               SET error_code = 'outside_window',
+                   next_attempt_at = date_trunc('second', now()) + interval '2 hours'
+                                     + (id % 2) * interval '1 hour'
+             WHERE id IN (SELECT id FROM campaign.recipients
+                           WHERE campaign_id = $1 AND status = 'pending' ORDER BY id LIMIT 2)
+            RETURNING next_attempt_at)
+        SELECT min(next_attempt_at) FROM w
+        """,
+        cid,
+    )
+    await conn.execute(
+        "UPDATE campaign.campaigns SET status = 'paused', paused_reason = 'brake: 9 of 10' "
+        "WHERE id = $1",
+        cid,
+    )
+    async with ops_server(pool) as server:
+        status, d = await get_json(http, f"{server.url}/api/campaigns/{cid}")
+    assert status == 200
+    assert d["guard_rails"] == {
+        "paused_reason": "brake: 9 of 10",
+        "waiting_for_window": 2,
+        "next_window_opening": opening.isoformat(),
+    }
 
 
 async def test_final_reports_count_in_the_reports_series(
