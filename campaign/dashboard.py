@@ -136,6 +136,7 @@ async def campaign(
         for r in reasons
     ]
     window = await conn.fetchrow(queries["dashboard_window_waiting"], campaign_id)
+    assert window is not None  # an aggregate: always one row
     detail["guard_rails"] = {
         "paused_reason": row["paused_reason"],
         # Recipients held back until their local sending window opens, and the next opening.
