@@ -17,6 +17,13 @@ DESTINATIONS = Counter(
     ["campaign_id", "service", "outcome"],
     registry=REGISTRY,
 )
+NOT_SENT = Counter(
+    "campaign_recipients_not_sent_total",
+    "Recipients the producer gave a final status before any request, by status"
+    " (invalid, suppressed, duplicate, capped).",
+    ["service", "status"],
+    registry=REGISTRY,
+)
 REQUESTS = Counter(
     "campaign_requests_total",
     "Requests to the messaging API by outcome.",

@@ -187,6 +187,7 @@ class Worker:
             settings=settings.producer,
             worker_id=self.worker_id,
             notify_url=notify_url(settings.webhooks.public_url, settings.webhooks.token),
+            policy=settings.policy,
         )
         async with create_session(
             connections=sessions_needed(list(self.lanes.values()))

@@ -1,0 +1,50 @@
+-- Guard rails before sending (issue 14): a number is texted once per campaign, and at most
+-- [policy] max_per_msisdn messages accepted by the API reach one number within
+-- cap_window_h, across campaigns and workers. Both are decided by the producer when it
+-- prepares a batch (docs/sending.md, "Duplicates and the frequency cap").
+
+-- Two new final statuses: `duplicate` (another row of the campaign has the same E.164
+-- number and a lower id) and `capped` (the number reached the frequency cap). Checking
+-- the new constraint reads the table once under the migration's lock (on a large table,
+-- migrate while the workers are stopped, as docs/scaling.md says for every upgrade).
+ALTER TABLE campaign.recipients DROP CONSTRAINT recipients_status_check;
+ALTER TABLE campaign.recipients ADD CONSTRAINT recipients_status_check CHECK (status IN (
+    'pending', 'sending', 'queued', 'unknown',
+    'delivered', 'failed', 'rejected', 'invalid', 'suppressed', 'duplicate', 'capped',
+    'expired', 'cancelled'));
+
+-- allow_duplicates: send every row even when numbers repeat (two OTPs to one number on
+-- purpose). bypass_caps: transactional traffic, neither counted against the cap nor
+-- stopped by it. Constant defaults: adding them rewrites nothing.
+ALTER TABLE campaign.campaigns
+    ADD COLUMN allow_duplicates boolean NOT NULL DEFAULT false,
+    ADD COLUMN bypass_caps boolean NOT NULL DEFAULT false;
+
+-- When the producer decided a batch's rows (duplicates registered, caps reserved). Rows
+-- of a batch without it (claimed by a worker that has not prepared it yet, or that died
+-- first) are "unregistered": a batch prepared meanwhile looks at them too, so the lowest
+-- id of a number is the one sent whichever worker prepares first.
+ALTER TABLE campaign.batches ADD COLUMN prepared_at timestamptz;
+
+-- One row per number a campaign sends to: which recipient is (or will be) sent. The
+-- primary key is the uniqueness rule; the producer writes it under a per-campaign
+-- transaction lock, so two workers never both decide to send one number.
+CREATE TABLE campaign.campaign_numbers (
+    campaign_id  bigint NOT NULL REFERENCES campaign.campaigns (id) ON DELETE CASCADE,
+    msisdn_e164  text   COLLATE "C" NOT NULL,
+    recipient_id bigint NOT NULL,
+    PRIMARY KEY (campaign_id, msisdn_e164)
+);
+
+-- The frequency cap: one reservation per recipient the producer let through while a cap
+-- was configured. Taken before the request under a per-number transaction lock (so the
+-- count is exact across workers), given back when the API did not accept the message
+-- (sender_write_results), so what is counted is what the API accepted or may still
+-- accept. Rows older than the window are deleted by the producer's sweep.
+CREATE TABLE campaign.cap_reservations (
+    recipient_id bigint      PRIMARY KEY,
+    msisdn_e164  text        COLLATE "C" NOT NULL,
+    reserved_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX cap_reservations_msisdn_idx ON campaign.cap_reservations (msisdn_e164, reserved_at);
+CREATE INDEX cap_reservations_reserved_idx ON campaign.cap_reservations (reserved_at);
