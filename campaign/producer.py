@@ -96,7 +96,7 @@ def claimed_row(record: db.Record, *, foreign: bool = False) -> Claimed:
 
 
 async def read_guards(
-    conn: db.PoolConnection,
+    conn: db.PoolConnection | db.Connection,
     queries: Mapping[str, str],
     campaign: Campaign,
     rows: Sequence[Claimed],
