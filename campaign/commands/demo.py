@@ -2,8 +2,8 @@
 
 An embedded PostgreSQL (unless a DSN is configured), the API simulator and a worker with
 every role, all in this process; a seeded campaign of personalised recipients with a
-realistic outcome mix, a STOP reply, a few bad numbers and a few customers listed twice. Progress per stage, then a
-summary of what happened and where the data lives.
+realistic outcome mix, a STOP reply, a few bad numbers and a few customers listed twice.
+Progress per stage, then a summary of what happened and where the data lives.
 
 The terminal is the person's, the log is the file's: for its run the demo re-routes the
 logging the CLI set up, so every event goes as JSON lines (secrets redacted) to a log file
