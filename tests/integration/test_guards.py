@@ -9,7 +9,8 @@ import asyncpg
 
 from campaign import config, db
 from campaign.batch import Lane
-from campaign.producer import Producer
+from campaign.prepare import normalise_all
+from campaign.producer import Producer, claimed_row, prepare_batch
 from tests.helpers.seed import add_recipients, create_campaign, numbers
 
 # One number written three ways: all normalise to +919800000007.
@@ -242,3 +243,53 @@ async def test_a_send_the_api_did_not_accept_gives_its_reservation_back(
     )
     held = await conn.fetch("SELECT recipient_id FROM campaign.cap_reservations")
     assert [r["recipient_id"] for r in held] == [ids[0]]
+
+
+async def test_a_second_worker_waits_for_the_first_ones_reservation(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    # Worker A has counted and reserved a number but not committed; worker B, preparing
+    # another campaign's row for that number, must wait and then see A's reservation.
+    first = await create_campaign(conn)
+    second = await create_campaign(conn)
+    await add_recipients(conn, first, numbers(1))
+    (late,) = await add_recipients(conn, second, numbers(1))
+    a, b = (make_producer(pool, worker_id=w, max_per_msisdn=1) for w in ("a", "b"))
+    claim_a = await a._claim_next(None, [])
+    claim_b = await b._claim_next(None, [])
+    assert claim_a is not None and claim_b is not None
+    policy = config.PolicySettings(max_per_msisdn=1)
+    service = claim_a.lane.settings
+    queries = db.load_queries()
+
+    async def prepare_in(connection: asyncpg.Connection, claim: object) -> None:
+        rows = [claimed_row(r) for r in claim.records]  # type: ignore[attr-defined]
+        await prepare_batch(
+            connection,
+            queries,
+            claim.campaign,  # type: ignore[attr-defined]
+            claim.records[0]["batch_id"],  # type: ignore[attr-defined]
+            rows,
+            normalise_all(rows, default_region=""),
+            service=service,
+            policy=policy,
+        )
+
+    async with pool.acquire() as conn_a, pool.acquire() as conn_b:
+        tx_a = conn_a.transaction()
+        await tx_a.start()
+        await prepare_in(conn_a, claim_a)
+        async with conn_b.transaction():
+            second_worker = asyncio.create_task(prepare_in(conn_b, claim_b))
+            for _ in range(600):
+                waiting = await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                if waiting or second_worker.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not second_worker.done(), "B decided without waiting for A's reservation"
+            await tx_a.commit()
+            await second_worker
+    row = await conn.fetchrow("SELECT status FROM campaign.recipients WHERE id = $1", late)
+    assert row["status"] == "capped"
