@@ -25,16 +25,35 @@ ALTER TABLE campaign.campaigns
 -- first) are "unregistered": a batch prepared meanwhile looks at them too, so the lowest
 -- id of a number is the one sent whichever worker prepares first.
 ALTER TABLE campaign.batches ADD COLUMN prepared_at timestamptz;
+-- Batches from before this migration were decided by the producer of that version; only
+-- claimed ones (their worker stopped for the upgrade before preparing them) were not.
+UPDATE campaign.batches SET prepared_at = created_at WHERE status <> 'claimed';
+-- producer_unregistered_below finds the claimed batches not prepared yet by campaign.
+CREATE INDEX batches_unprepared_idx ON campaign.batches (campaign_id) WHERE prepared_at IS NULL;
 
 -- One row per number a campaign sends to: which recipient is (or will be) sent. The
 -- primary key is the uniqueness rule; the producer writes it under a per-campaign
 -- transaction lock, so two workers never both decide to send one number.
+-- No foreign key: its per-row check made registering a batch of 1000 numbers take
+-- 80-150 ms instead of 15-25; a statement trigger on campaigns deletes a deleted
+-- campaign's numbers instead (prune, the demo's clean-up).
 CREATE TABLE campaign.campaign_numbers (
-    campaign_id  bigint NOT NULL REFERENCES campaign.campaigns (id) ON DELETE CASCADE,
+    campaign_id  bigint NOT NULL,
     msisdn_e164  text   COLLATE "C" NOT NULL,
     recipient_id bigint NOT NULL,
     PRIMARY KEY (campaign_id, msisdn_e164)
 );
+
+CREATE FUNCTION campaign.forget_campaign_numbers() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM campaign.campaign_numbers n USING old_rows o WHERE n.campaign_id = o.id;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER campaigns_forget_numbers AFTER DELETE ON campaign.campaigns
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION campaign.forget_campaign_numbers();
 
 -- The frequency cap: one reservation per recipient the producer let through while a cap
 -- was configured. Taken before the request under a per-number transaction lock (so the

@@ -97,20 +97,35 @@ SELECT pg_advisory_xact_lock(1401, ($1::bigint % 2147483647)::int);
 
 -- name: producer_unregistered_below
 -- Rows of the campaign below this batch's highest id that no prepared batch has decided
--- yet: claimed by another worker that has not prepared its batch, given back by one that
--- died before it did, or not claimed at all. The producer decides them too (without
--- storing their status) so that a number's lowest id owns it even when a batch of
--- higher ids is prepared first. Read under producer_lock_campaign_numbers.
+-- yet: pending rows never claimed (another worker's claim not committed yet) or given
+-- back by a worker that died before preparing them, and rows of batches claimed but not
+-- prepared yet. The producer decides them too (without storing their status) so that a
+-- number's lowest id owns it even when a batch of higher ids is prepared first. Read
+-- under producer_lock_campaign_numbers. Two parts so each has its index: the pending
+-- rows through recipients_pending_idx (the range on campaign_id as in
+-- producer_claim_batch), the claimed ones through batches_unprepared_idx and
+-- recipients_batch_idx; one OR of both read every recipient of the campaign.
 -- $1 campaign id, $2 this batch's highest recipient id, $3 this batch's id
-SELECT r.id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts
-  FROM campaign.recipients r
-  LEFT JOIN campaign.batches b ON b.id = r.batch_id
- WHERE r.campaign_id = $1
-   AND r.id < $2
-   AND r.status IN ('pending', 'sending')
-   AND r.batch_id IS DISTINCT FROM $3
-   AND b.prepared_at IS NULL
- ORDER BY r.id;
+-- The pending part is bounded (the lowest 5000): with more undecided rows below a batch
+-- than that, a number's owner may be a higher row than its lowest (never sent twice).
+(SELECT r.id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts
+   FROM campaign.recipients r
+  WHERE r.campaign_id >= $1 AND r.campaign_id <= $1
+    AND r.id < $2
+    AND r.status = 'pending'
+    AND NOT EXISTS (SELECT 1
+                      FROM campaign.batches b
+                     WHERE b.id = r.batch_id AND b.prepared_at IS NOT NULL)
+  ORDER BY r.campaign_id, r.id
+  LIMIT 5000)
+UNION ALL
+(SELECT r.id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts
+   FROM campaign.batches b
+   JOIN campaign.recipients r ON r.batch_id = b.id
+  WHERE b.campaign_id = $1 AND b.prepared_at IS NULL AND b.id <> $3
+    AND r.status = 'sending'
+    AND r.id < $2)
+ORDER BY 1;
 
 -- name: producer_campaign_owners
 -- Which recipient of the campaign each of these numbers is sent to, when one is already

@@ -293,3 +293,17 @@ async def test_a_second_worker_waits_for_the_first_ones_reservation(
             await second_worker
     row = await conn.fetchrow("SELECT status FROM campaign.recipients WHERE id = $1", late)
     assert row["status"] == "capped"
+
+
+async def test_deleting_a_campaign_forgets_its_numbers(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    gone = await create_campaign(conn)
+    kept = await create_campaign(conn)
+    await add_recipients(conn, gone, numbers(3))
+    await add_recipients(conn, kept, numbers(2))
+    await make_producer(pool).fill()
+    assert await conn.fetchval("SELECT count(*) FROM campaign.campaign_numbers") == 5
+    await conn.execute("DELETE FROM campaign.campaigns WHERE id = $1", gone)
+    left = await conn.fetch("SELECT DISTINCT campaign_id FROM campaign.campaign_numbers")
+    assert [r["campaign_id"] for r in left] == [kept]
