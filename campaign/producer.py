@@ -123,7 +123,7 @@ async def read_guards(
             - guards.in_window.keys()
         )
         if lock:
-            await conn.fetchval(queries["producer_lock_numbers"], own)
+            await conn.execute(queries["producer_lock_numbers"], own)
         counts = await conn.fetch(queries["producer_cap_counts"], own, guards.window_h)
         guards.in_window.update((r["msisdn_e164"], r["n"]) for r in counts)
         held = await conn.fetch(queries["producer_cap_held"], [r.id for r in rows if not r.foreign])
@@ -156,7 +156,8 @@ async def prepare_batch(
     Duplicates: under the campaign's lock, rows of lower ids that no prepared batch has
     decided (another worker's batch not prepared yet) are decided first, in id order,
     without storing their status, so the lowest id of a number owns it whichever batch
-    comes first. Cap: under one lock per number, counted and reserved at once.
+    comes first. Cap: under one row lock per number (cap_numbers), counted and reserved
+    in this transaction.
     """
     guards = new_guards(campaign, policy)
     mine = len(rows)

@@ -56,14 +56,22 @@ CREATE TRIGGER campaigns_forget_numbers AFTER DELETE ON campaign.campaigns
     FOR EACH STATEMENT EXECUTE FUNCTION campaign.forget_campaign_numbers();
 
 -- The frequency cap: one reservation per recipient the producer let through while a cap
--- was configured. Taken before the request under a per-number transaction lock (so the
--- count is exact across workers), given back when the API did not accept the message
+-- was configured. Taken before the request under the number's row lock in cap_numbers (so
+-- the count is exact across workers), given back when the API did not accept the message
 -- (sender_write_results), so what is counted is what the API accepted or may still
 -- accept. Rows older than the window are deleted by the producer's sweep.
 CREATE TABLE campaign.cap_reservations (
     recipient_id bigint      PRIMARY KEY,
     msisdn_e164  text        COLLATE "C" NOT NULL,
     reserved_at  timestamptz NOT NULL DEFAULT now()
+);
+-- One row per number under the cap, locked (upserted) by the producer before it counts and
+-- reserves for it: a row lock, so a batch of 1000 numbers does not fill the shared lock
+-- table as 1000 advisory locks would. touched_at is not indexed: the upsert is a HOT
+-- update. Rows untouched for longer than the window are deleted by the producer's sweep.
+CREATE TABLE campaign.cap_numbers (
+    msisdn_e164 text        COLLATE "C" PRIMARY KEY,
+    touched_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX cap_reservations_msisdn_idx ON campaign.cap_reservations (msisdn_e164, reserved_at);
 CREATE INDEX cap_reservations_reserved_idx ON campaign.cap_reservations (reserved_at);

@@ -146,14 +146,15 @@ SELECT $1, u.msisdn_e164, u.recipient_id
 ON CONFLICT (campaign_id, msisdn_e164) DO NOTHING;
 
 -- name: producer_lock_numbers
--- The frequency cap is counted and reserved under one transaction lock per number
--- (1402, hash of the number), taken in one global order so two workers never deadlock:
--- a count and the reservation after it are exact whoever else sends to the number.
+-- The frequency cap is counted and reserved under one row lock per number: its
+-- cap_numbers row, inserted or updated here (an insert racing another for a new number
+-- waits for it). Rows are taken in one global order (sorted), so two workers never
+-- deadlock; the locks last to the end of the transaction that reserves, so a count and
+-- the reservation after it are exact whoever else sends to the number.
 -- $1 E.164 numbers (text[])
-SELECT count(*)
-  FROM (SELECT pg_advisory_xact_lock(1402, k)
-          FROM (SELECT DISTINCT hashtext(n) AS k FROM unnest($1::text[]) AS n ORDER BY k) s
-       ) locked;
+INSERT INTO campaign.cap_numbers (msisdn_e164)
+SELECT DISTINCT n FROM unnest($1::text[]) AS n ORDER BY n
+ON CONFLICT (msisdn_e164) DO UPDATE SET touched_at = now();
 
 -- name: producer_cap_counts
 -- Messages counted against each number in the cap window: reservations of every
@@ -187,8 +188,18 @@ ON CONFLICT (recipient_id) DO NOTHING;
 UPDATE campaign.batches SET prepared_at = now() WHERE id = $1;
 
 -- name: producer_prune_reservations
--- Reservations older than the cap window count for nothing: delete them, bounded.
--- $1 window hours, $2 maximum rows
+-- Reservations older than the cap window count for nothing, nor does a cap_numbers row
+-- untouched as long (every reservation touches its number): delete both, bounded.
+-- $1 window hours, $2 maximum rows of each
+WITH numbers AS (
+    DELETE FROM campaign.cap_numbers
+     WHERE msisdn_e164 IN (
+            SELECT msisdn_e164
+              FROM campaign.cap_numbers
+             WHERE touched_at <= now() - make_interval(secs => $1::float8 * 3600)
+             LIMIT $2
+               FOR UPDATE SKIP LOCKED)
+)
 DELETE FROM campaign.cap_reservations
  WHERE recipient_id IN (
         SELECT recipient_id
