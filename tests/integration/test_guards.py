@@ -282,7 +282,10 @@ async def test_a_second_worker_waits_for_the_first_ones_reservation(
         async with conn_b.transaction():
             second_worker = asyncio.create_task(prepare_in(conn_b, claim_b))
             for _ in range(600):
-                waiting = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                waiting = await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1",
+                    conn_b.get_server_pid(),
+                )
                 if waiting or second_worker.done():
                     break
                 await asyncio.sleep(0.05)
