@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 
 from bench import harness
+from bench.guards import STAGES
 from bench.harness import Context, Result, Sizes
-from bench.stages import STAGES
 from campaign import logs
 
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(STAGES)} (default: all)",
     )
     parser.add_argument("--out", default="bench/results", help="folder for the JSON result")
-    for name in ("submit", "ingest", "reconcile", "e2e", "memory"):
+    for name in ("submit", "ingest", "reconcile", "e2e", "memory", "check"):
         parser.add_argument(f"--{name}-n", type=int, help=f"override the {name} stage's size")
     parser.add_argument("--latency-trials", type=int, help="override the number of trials")
     args = parser.parse_args(argv)
@@ -48,7 +48,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = Sizes.quick() if args.quick else Sizes()
     overrides = {
         name: getattr(args, f"{name}_n")
-        for name in ("submit", "ingest", "reconcile", "e2e", "memory")
+        for name in ("submit", "ingest", "reconcile", "e2e", "memory", "check")
         if getattr(args, f"{name}_n")
     }
     if args.latency_trials:

@@ -49,6 +49,7 @@ class Sizes:
     e2e: int = 1_000_000
     memory: int = 10_000_000
     latency_trials: int = 20
+    check: int = 1_000_000
     # Throughput stages run product and ceiling alternately this many times and keep the
     # best of each: one run on a shared 2-core machine varies by +-15 %.
     rounds: int = 3
@@ -62,6 +63,7 @@ class Sizes:
             e2e=20_000,
             memory=100_000,
             latency_trials=8,
+            check=50_000,
             rounds=1,
         )
 

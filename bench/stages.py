@@ -55,7 +55,9 @@ async def _wait_for(
         await asyncio.sleep(interval_s)
 
 
-async def submit_pipeline(dsn: str, base_url: str, n: int) -> float:
+async def submit_pipeline(
+    dsn: str, base_url: str, n: int, *, policy: config.PolicySettings | None = None
+) -> float:
     """Seconds for the product's producer and senders to send `n` pending recipients."""
     service = config.ServiceSettings(
         key=SERVICE_KEY, sender_id="BENCH", rate_per_s=1_000_000.0, batch_size=1000
@@ -74,6 +76,7 @@ async def submit_pipeline(dsn: str, base_url: str, n: int) -> float:
             settings=producer_settings,
             worker_id="bench",
             notify_url=None,
+            policy=policy,
         )
         watch = await db.connect(dsn)
 

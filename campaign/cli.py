@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from campaign import __version__, config, db, logs, worker
-from campaign.commands import control, demo, importer, prune, report, status
+from campaign.commands import check, control, demo, importer, prune, report, status
 from campaign.simulator import cmd_simulate
 
 log = structlog.get_logger("campaign.cli")
@@ -121,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("campaign_id", type=int, help="the campaign's id")
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report here")
     p.set_defaults(handler=report.cmd_report)
+
+    p = _command(
+        sub,
+        "check",
+        "what sending a campaign would do, without sending",
+        "Read-only, in any status: runs the producer's own checks over the pending\n"
+        "recipients and prints how many would be sent, invalid (by reason), suppressed,\n"
+        "duplicate or capped; encodings and parts, the characters that force UCS-2, the\n"
+        "cost from [pricing]. Exit 0 whatever it finds, 2 for an unknown campaign or service.",
+    )
+    p.add_argument("campaign_id", type=int, help="the campaign to check")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.add_argument("--sample", type=int, default=0, help="show the first N texts to be sent")
+    p.set_defaults(handler=check.cmd_check)
 
     p = _command(
         sub,

@@ -66,6 +66,9 @@ class ServiceSettings:
     # empty: any time), and the zone of numbers whose prefix gives none (an IANA name).
     send_window: str = ""
     default_timezone: str = "UTC"
+    # Characters of the short URL the platform puts in place of each {{link_N}}: parts
+    # and encoding are counted with it, not with the placeholder. 0 counts the placeholder.
+    smartlink_length: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +83,29 @@ class ProducerSettings:
 
 @dataclass(frozen=True, slots=True)
 class PolicySettings:
+    """Sending rules across campaigns: the frequency cap (0 = off), the canary's wait and
+    the failure brake's window."""
+
+    max_per_msisdn: int = 0
+    cap_window_h: float = 24.0
     # How long a campaign's canary may wait for its reports before it is judged on those
     # it has, and how many of a campaign's latest final reports the failure brake weighs.
     canary_wait_s: float = 600.0
     failure_window: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PricingSettings:
+    """Price of one SMS part, for `campaign check`: per country calling code, else default."""
+
+    currency: str = ""
+    # 0: no price known (check shows parts only, or parts without a cost for those).
+    default: float = 0.0
+    # Country calling code ("44", "91", "1") -> price of one part.
+    countries: Mapping[str, float] = field(default_factory=dict)
+
+    def price(self, country_code: str) -> float:
+        return self.countries.get(country_code, self.default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +189,7 @@ class Settings:
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
     ops: OpsSettings = OpsSettings()
+    pricing: PricingSettings = PricingSettings()
     source: str = "<defaults>"
 
     @property
@@ -278,6 +301,7 @@ _POSITIVE = {
     "refresh_s",
     "canary_wait_s",
     "failure_window",
+    "cap_window_h",
 }
 
 
@@ -301,6 +325,9 @@ def parse(raw: Mapping[str, Any], *, source: str = "<config>") -> Settings:
     for name, value in raw.items():
         if name == "services":
             values["services"] = _parse_services(value, source)
+            continue
+        if name == "pricing":
+            values["pricing"] = _parse_pricing(value, source)
             continue
         section_type = _section_types().get(name)
         if section_type is None:
@@ -334,8 +361,44 @@ def _section_types() -> dict[str, type[Any]]:
     return {
         f.name: hints[f.name]
         for f in dataclasses.fields(Settings)
-        if f.name not in ("services", "source")
+        if f.name not in ("services", "pricing", "source")
     }
+
+
+def _price(value: Any, source: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{source}: {where}: expected a price (a number >= 0), got {value!r}")
+    return float(value)
+
+
+def _parse_pricing(value: Any, source: str) -> PricingSettings:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [pricing] must be a table")
+    unknown = set(value) - {"currency", "default", "countries"}
+    if unknown:
+        raise ConfigError(f"{source}: [pricing] {sorted(unknown)[0]}: unknown key")
+    currency = value.get("currency", "")
+    if not isinstance(currency, str) or len(currency) > 10:
+        raise ConfigError(f"{source}: [pricing] currency: expected a short name like 'EUR'")
+    countries = value.get("countries", {})
+    if not isinstance(countries, dict):
+        raise ConfigError(
+            f"{source}: [pricing] countries: expected a table of calling code = price,"
+            ' like { "44" = 0.035 }'
+        )
+    prices = {}
+    for code, price in countries.items():
+        if not (code.isdigit() and 1 <= len(code) <= 3 and not code.startswith("0")):
+            raise ConfigError(
+                f"{source}: [pricing] countries {code!r}: not a country calling code"
+                ' (1 to 3 digits, like "44" or "1")'
+            )
+        prices[code] = _price(price, source, f"[pricing] countries {code}")
+    return PricingSettings(
+        currency=currency,
+        default=_price(value.get("default", 0.0), source, "[pricing] default"),
+        countries=prices,
+    )
 
 
 def _parse_services(value: Any, source: str) -> dict[str, ServiceSettings]:
@@ -384,6 +447,9 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
         check_listen(kwargs["listen"], source, where)
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
+    for key in ("max_per_msisdn", "smartlink_length"):
+        if kwargs.get(key, 0) < 0:
+            raise ConfigError(f"{source}: {where} {key}: must not be negative (0 turns it off)")
     for key, value in kwargs.items():
         if key.endswith("_days") and value < 0:
             raise ConfigError(f"{source}: {where} {key}: must not be negative (0 keeps forever)")

@@ -296,8 +296,9 @@ class _PooledConnection(asyncpg.Connection):
 
     asyncpg resets every released connection with `pg_advisory_unlock_all(); CLOSE ALL;
     UNLISTEN *; RESET ALL`: one more round trip per pooled query or transaction (the
-    receiver's group commits pay it every time). Our pooled connections take no advisory
-    locks (only migrate does, on a connection of its own), open no cursors and change no
+    receiver's group commits pay it every time). Our pooled connections take no session
+    advisory locks (only migrate does, on a connection of its own; the producer's one is
+    transaction-scoped and ends with its transaction), open no cursors and change no
     session settings; LISTEN is the one session state they use, so the full reset runs
     only after one. An open transaction is still rolled back and listener callbacks are
     still dropped on every release (asyncpg does that before asking for this query).

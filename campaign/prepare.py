@@ -1,16 +1,18 @@
 """Per-recipient preparation, pure: what the producer decides for each claimed row.
 
-Normalise the number, drop opted-out numbers, render the text and check it: every row
-becomes either a destination still `sending` (with its number, encoding and parts) or a
-final status with a reason. No I/O here: the producer reads what these functions need
-(the suppressed numbers) and writes what they decide. A new sending policy (duplicates,
-caps) is one more step in `prepare`, as the local-time sending window is.
+Normalise the number, drop opted-out numbers, render the text and check it, then the
+guards: a number's second row in a campaign is a `duplicate`, a number over the frequency
+cap is `capped`. Every row becomes either a destination still `sending` (with its number,
+encoding and parts) or a final status with a reason. No I/O here: the producer reads what
+these functions need (suppressed numbers, numbers already sent, counts in the cap window)
+and writes what they decide; `campaign check` runs the same functions without writing.
+A row outside its local-time sending window waits (or expires) before the guards see it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -37,6 +39,8 @@ class Campaign:
     callback_data: str | None
     # Local hours its recipients may be sent in: its own columns, else the service's.
     send_window: window.Window | None = None
+    allow_duplicates: bool = False
+    bypass_caps: bool = False
 
     @classmethod
     def from_record(
@@ -54,6 +58,8 @@ class Campaign:
             expires_at=row["expires_at"],
             callback_data=row["callback_data"],
             send_window=window.Window(start, end) if start is not None else default_window,
+            allow_duplicates=row["allow_duplicates"],
+            bypass_caps=row["bypass_caps"],
         )
 
 
@@ -67,6 +73,8 @@ class Claimed:
     attempts: int
     # Set by an earlier attempt's results: the number was already normalised.
     msisdn_e164: str | None = None
+    # Another batch's row, prepared here only to learn whether it owns its number.
+    foreign: bool = False
 
 
 # Per recipient, a thousand per batch: not frozen, whose __init__ is slower (performance.md).
@@ -147,6 +155,65 @@ def normalise_all(
     return numbers
 
 
+@dataclass(slots=True)
+class Guards:
+    """What the duplicate and frequency-cap steps know, updated as `prepare` decides rows.
+
+    The caller reads the inputs for the rows at hand (under the locks that make them
+    exact, in the producer) and stores what the pass added: `registered` (a number's
+    first row in the campaign, the one sent) and `reserved` (a place under the cap).
+    `campaign check` keeps one across all of a campaign's rows, so a number's second row
+    in a later page is still a duplicate and the counts grow as they would when sending.
+    """
+
+    # Number -> the recipient of this campaign that is sent to it.
+    owners: dict[str, int] = field(default_factory=dict)
+    allow_duplicates: bool = False
+    # 0: no cap (none configured, or the campaign bypasses it).
+    max_per_msisdn: int = 0
+    window_h: float = 24.0
+    # Number -> messages counted in the window, across campaigns.
+    in_window: dict[str, int] = field(default_factory=dict)
+    # Recipients holding a reservation already (a retry): counted once, not stopped.
+    held: Collection[int] = frozenset()
+    registered: list[tuple[str, int]] = field(default_factory=list)
+    reserved: list[tuple[int, str]] = field(default_factory=list)
+
+    def decide(self, row: Claimed, number: str) -> Prepared | None:
+        """The row's final status if a guard stops it; None when it is to be sent."""
+        if not self.allow_duplicates:
+            owner = self.owners.get(number)
+            if owner is None:
+                self.owners[number] = row.id
+                self.registered.append((number, row.id))
+            elif owner != row.id:
+                return Prepared(
+                    id=row.id,
+                    status="duplicate",
+                    msisdn_e164=number,
+                    error_code="duplicate",
+                    error_message=f"same number as recipient {owner}, which is the one sent",
+                )
+        # A row another batch will send is only registered here; its own batch counts it.
+        if self.max_per_msisdn <= 0 or row.foreign or row.id in self.held:
+            return None
+        sent = self.in_window.get(number, 0)
+        if sent >= self.max_per_msisdn:
+            return Prepared(
+                id=row.id,
+                status="capped",
+                msisdn_e164=number,
+                error_code="capped",
+                error_message=(
+                    f"{sent} messages sent to this number in the last {self.window_h:g} h"
+                    f" ([policy] max_per_msisdn = {self.max_per_msisdn})"
+                ),
+            )
+        self.in_window[number] = sent + 1
+        self.reserved.append((row.id, number))
+        return None
+
+
 def prepare(
     campaign: Campaign,
     rows: Sequence[Claimed],
@@ -155,9 +222,13 @@ def prepare(
     suppressed: Collection[str],
     plus_prefix: bool,
     planner: window.Planner | None = None,
+    smartlink_length: int = 0,
+    guards: Guards | None = None,
 ) -> list[Prepared]:
-    """Decide every claimed row: invalid, suppressed, outside its sending window (with
-    `planner`, the campaign's window at this instant), or a destination with its text."""
+    """Decide every row, in id order: invalid, suppressed, outside its sending window (with
+    `planner`, the campaign's window at this instant: it waits or expires), duplicate,
+    capped, or a destination with its text. Without `guards` no duplicate or cap rule
+    applies."""
     prepared: list[Prepared] = []
     for row, number in zip(rows, numbers, strict=True):
         if isinstance(number, sms.InvalidRecipient):
@@ -181,13 +252,37 @@ def prepare(
                 )
             )
             continue
+        rendered: sms.Rendered | None = None
+        if campaign.body is not None:
+            try:
+                rendered = sms.render(
+                    campaign.body, row.variables, smartlink_length=smartlink_length
+                )
+                payload.check_links(rendered.link_ids, campaign.smartlinks)
+            except sms.InvalidRecipient as exc:
+                prepared.append(
+                    Prepared(
+                        id=row.id,
+                        status="invalid",
+                        msisdn_e164=number,
+                        error_code=exc.code,
+                        error_message=exc.message,
+                    )
+                )
+                continue
         if planner is not None:
             held = held_by_window(campaign, number, row.id, planner)
             if held is not None:
+                # It does not own its number nor take a place under the cap while it waits.
                 prepared.append(held)
                 continue
+        if guards is not None:
+            stopped = guards.decide(row, number)
+            if stopped is not None:
+                prepared.append(stopped)
+                continue
         msisdn = sms.api_msisdn(number, plus_prefix=plus_prefix)
-        if campaign.body is None:
+        if rendered is None:
             # A template campaign: the platform holds the text, so there is nothing to count.
             destination = payload.Destination(correlation_id=row.correlation_id, msisdn=msisdn)
             prepared.append(
@@ -197,20 +292,6 @@ def prepare(
                     msisdn_e164=number,
                     destination=destination,
                     attempts=row.attempts,
-                )
-            )
-            continue
-        try:
-            rendered = sms.render(campaign.body, row.variables)
-            payload.check_links(rendered.link_ids, campaign.smartlinks)
-        except sms.InvalidRecipient as exc:
-            prepared.append(
-                Prepared(
-                    id=row.id,
-                    status="invalid",
-                    msisdn_e164=number,
-                    error_code=exc.code,
-                    error_message=exc.message,
                 )
             )
             continue

@@ -26,13 +26,14 @@ from datetime import UTC, datetime
 
 import structlog
 
-from campaign import codes, db, metrics, payload, window
+from campaign import codes, db, metrics, payload, sms, window
 from campaign.batch import Batch, Lane
-from campaign.config import PolicySettings, ProducerSettings
+from campaign.config import PolicySettings, ProducerSettings, ServiceSettings
 from campaign.prepare import (
     WINDOW_CODES,
     Campaign,
     Claimed,
+    Guards,
     Prepared,
     normalise_all,
     prepare,
@@ -54,6 +55,16 @@ QUERIES = (
     "producer_defer_recipients",
     "producer_judge_canaries",
     "producer_brake_campaigns",
+    "producer_lock_campaign_numbers",
+    "producer_unregistered_below",
+    "producer_campaign_owners",
+    "producer_register_numbers",
+    "producer_lock_numbers",
+    "producer_cap_counts",
+    "producer_cap_held",
+    "producer_reserve_caps",
+    "producer_mark_prepared",
+    "producer_prune_reservations",
 )
 SWEEP_CHUNK = 10_000
 # How often claims start again from each campaign's first due row (see Producer._after).
@@ -103,6 +114,135 @@ async def store_deferred(
     )
 
 
+def claimed_row(record: db.Record, *, foreign: bool = False) -> Claimed:
+    return Claimed(
+        id=record["id"],
+        msisdn=record["msisdn"],
+        variables=record["variables"],
+        correlation_id=record["correlation_id"],
+        attempts=record["attempts"],
+        msisdn_e164=record["msisdn_e164"],
+        foreign=foreign,
+    )
+
+
+async def read_guards(
+    conn: db.PoolConnection | db.Connection,
+    queries: Mapping[str, str],
+    campaign: Campaign,
+    rows: Sequence[Claimed],
+    numbers: Sequence[str | sms.InvalidRecipient],
+    guards: Guards,
+    *,
+    lock: bool,
+) -> set[str]:
+    """What `prepare` needs for these rows: the opted-out numbers (returned) and, into
+    `guards` for numbers it does not know yet, each number's owner in the campaign and
+    its count in the cap window. With `lock` the cap counts are read under the numbers'
+    locks (the producer); `campaign check` reads without taking any."""
+    valid = list({n for n in numbers if isinstance(n, str)})
+    suppressed = {
+        r["msisdn"] for r in await conn.fetch(queries["producer_suppressed_numbers"], valid)
+    }
+    if not guards.allow_duplicates:
+        unknown = [n for n in valid if n not in guards.owners]
+        for r in await conn.fetch(queries["producer_campaign_owners"], campaign.id, unknown):
+            guards.owners[r["msisdn_e164"]] = r["recipient_id"]
+    if guards.max_per_msisdn:
+        own = sorted(
+            {n for r, n in zip(rows, numbers, strict=True) if not r.foreign and isinstance(n, str)}
+            - guards.in_window.keys()
+        )
+        if lock:
+            await conn.execute(queries["producer_lock_numbers"], own)
+        counts = await conn.fetch(queries["producer_cap_counts"], own, guards.window_h)
+        guards.in_window.update((r["msisdn_e164"], r["n"]) for r in counts)
+        held = await conn.fetch(queries["producer_cap_held"], [r.id for r in rows if not r.foreign])
+        guards.held = {*guards.held, *(r["recipient_id"] for r in held)}
+    return suppressed
+
+
+def new_guards(campaign: Campaign, policy: PolicySettings) -> Guards:
+    return Guards(
+        allow_duplicates=campaign.allow_duplicates,
+        max_per_msisdn=0 if campaign.bypass_caps else policy.max_per_msisdn,
+        window_h=policy.cap_window_h,
+    )
+
+
+async def prepare_batch(
+    conn: db.PoolConnection,
+    queries: Mapping[str, str],
+    campaign: Campaign,
+    batch_id: int,
+    rows: Sequence[Claimed],
+    numbers: Sequence[str | sms.InvalidRecipient],
+    *,
+    service: ServiceSettings,
+    policy: PolicySettings,
+    planner: window.Planner | None = None,
+) -> list[Prepared]:
+    """Decide a claimed batch's rows and store what was decided (final statuses, numbers
+    registered, cap reservations) in the caller's transaction.
+
+    Duplicates: under the campaign's lock, rows of lower ids that no prepared batch has
+    decided (another worker's batch not prepared yet) are decided first, in id order,
+    without storing their status, so the lowest id of a number owns it whichever batch
+    comes first. Cap: under one row lock per number (cap_numbers), counted and reserved
+    in this transaction.
+    """
+    guards = new_guards(campaign, policy)
+    mine = len(rows)
+    if not guards.allow_duplicates:
+        await conn.execute(queries["producer_lock_campaign_numbers"], campaign.id)
+        below = await conn.fetch(
+            queries["producer_unregistered_below"], campaign.id, max(r.id for r in rows), batch_id
+        )
+        if below:
+            others = [claimed_row(r, foreign=True) for r in below]
+            found = normalise_all(others, default_region=service.default_region)
+            pairs = sorted(
+                zip([*rows, *others], [*numbers, *found], strict=True), key=lambda p: p[0].id
+            )
+            rows, numbers = [r for r, _ in pairs], [n for _, n in pairs]
+    suppressed = await read_guards(conn, queries, campaign, rows, numbers, guards, lock=True)
+    prepared = prepare(
+        campaign,
+        rows,
+        numbers,
+        suppressed=suppressed,
+        plus_prefix=service.plus_prefix,
+        smartlink_length=service.smartlink_length,
+        guards=guards,
+        planner=planner,
+    )
+    if len(prepared) > mine:
+        foreign = {r.id for r in rows if r.foreign}
+        prepared = [p for p in prepared if p.id not in foreign]
+    # Rows to send stay as claimed: their checks are written with their results.
+    final = [p for p in prepared if p.destination is None and p.error_code not in WINDOW_CODES]
+    if final:
+        await store_final(conn, queries["producer_prepare_recipients"], batch_id, final)
+    held = [p for p in prepared if p.destination is None and p.error_code in WINDOW_CODES]
+    if held:
+        await store_deferred(conn, queries["producer_defer_recipients"], batch_id, held)
+    if guards.registered:
+        await conn.execute(
+            queries["producer_register_numbers"],
+            campaign.id,
+            [n for n, _ in guards.registered],
+            [i for _, i in guards.registered],
+        )
+    if guards.reserved:
+        await conn.execute(
+            queries["producer_reserve_caps"],
+            [i for i, _ in guards.reserved],
+            [n for _, n in guards.reserved],
+        )
+    await conn.execute(queries["producer_mark_prepared"], batch_id)
+    return prepared
+
+
 async def store_final(
     conn: db.PoolConnection, sql: str, batch_id: int, final: Sequence[Prepared]
 ) -> None:
@@ -128,8 +268,8 @@ class Producer:
         settings: ProducerSettings,
         worker_id: str,
         notify_url: str | None,
-        clock: Callable[[], float] = time.monotonic,
         policy: PolicySettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._policy = policy or PolicySettings()
@@ -274,59 +414,41 @@ class Producer:
     async def _check_and_queue(self, claim: _Claim) -> None:
         """Check and render a claimed batch; queue what is to be sent, store the rest."""
         campaign, lane, records = claim.campaign, claim.lane, claim.records
-        async with self._pool.acquire() as conn:
-            batch_id: int = records[0]["batch_id"]
-            rows = [
-                Claimed(
-                    id=r["id"],
-                    msisdn=r["msisdn"],
-                    variables=r["variables"],
-                    correlation_id=r["correlation_id"],
-                    attempts=r["attempts"],
-                    msisdn_e164=r["msisdn_e164"],
-                )
-                for r in records
-            ]
-            numbers = normalise_all(rows, default_region=lane.settings.default_region)
-            valid = [n for n in numbers if isinstance(n, str)]
-            suppressed = {
-                r["msisdn"]
-                for r in await conn.fetch(self._queries["producer_suppressed_numbers"], valid)
-            }
-            planner = None
-            if campaign.send_window is not None:
-                planner = window.Planner(
-                    campaign.send_window,
-                    default_timezone=lane.settings.default_timezone,
-                    now=datetime.now(UTC),
-                )
-            prepared = prepare(
+        batch_id: int = records[0]["batch_id"]
+        rows = [claimed_row(r) for r in records]
+        # Before any lock: the batch's own numbers are the bulk of the work.
+        numbers = normalise_all(rows, default_region=lane.settings.default_region)
+        planner = None
+        if campaign.send_window is not None:
+            planner = window.Planner(
+                campaign.send_window,
+                default_timezone=lane.settings.default_timezone,
+                now=datetime.now(UTC),
+            )
+        async with self._pool.acquire() as conn, conn.transaction():
+            prepared = await prepare_batch(
+                conn,
+                self._queries,
                 campaign,
+                batch_id,
                 rows,
                 numbers,
-                suppressed=suppressed,
-                plus_prefix=lane.settings.plus_prefix,
+                service=lane.settings,
+                policy=self._policy,
                 planner=planner,
             )
-            # Rows to send stay as claimed: their checks are written with their results.
-            held = [p for p in prepared if p.destination is None and p.error_code in WINDOW_CODES]
-            final = [
-                p for p in prepared if p.destination is None and p.error_code not in WINDOW_CODES
-            ]
-            if final:
-                await store_final(
-                    conn, self._queries["producer_prepare_recipients"], batch_id, final
-                )
-            if held:
-                await store_deferred(
-                    conn, self._queries["producer_defer_recipients"], batch_id, held
-                )
-                waiting = sum(p.status == "pending" for p in held)
-                deferred = metrics.WINDOW_DEFERRED
-                deferred.labels(service=lane.name, outcome="waiting").inc(waiting)
-                deferred.labels(service=lane.name, outcome="expired").inc(len(held) - waiting)
+        # Held by the sending window: waiting for it to open, or expired before it does.
+        held = [p for p in prepared if p.destination is None and p.error_code in WINDOW_CODES]
+        if held:
+            waiting = sum(p.status == "pending" for p in held)
+            deferred = metrics.WINDOW_DEFERRED
+            deferred.labels(service=lane.name, outcome="waiting").inc(waiting)
+            deferred.labels(service=lane.name, outcome="expired").inc(len(held) - waiting)
         ready = [p for p in prepared if p.destination is not None]
         self._warn_if_mostly_invalid(campaign.id, batch_id, prepared)
+        stopped = collections.Counter(
+            p.status for p in prepared if p.destination is None and p.error_code not in WINDOW_CODES
+        )
         log.info(
             "batch_claimed",
             campaign_id=campaign.id,
@@ -334,13 +456,15 @@ class Producer:
             service=lane.name,
             claimed=len(prepared),
             destinations=len(ready),
-            invalid=sum(p.status == "invalid" for p in prepared),
-            suppressed=sum(p.status == "suppressed" for p in prepared),
+            invalid=stopped["invalid"],
+            suppressed=stopped["suppressed"],
+            duplicate=stopped["duplicate"],
+            capped=stopped["capped"],
             outside_window=len(held),
         )
-        metrics.count_final(
-            {s: sum(p.status == s for p in prepared) for s in ("invalid", "suppressed", "expired")}
-        )
+        finals: dict[str, int] = dict(stopped)
+        finals["expired"] = stopped["expired"] + sum(p.status == "expired" for p in held)
+        metrics.count_final(finals)
         if ready:
             lane.held.add(batch_id)
             lane.queue.put_nowait(self._batch(batch_id, campaign, ready))
@@ -420,6 +544,12 @@ class Producer:
         are judged and the failure brake applied."""
         cancelled = await self._sweep("producer_cancel_pending")
         expired = await self._sweep("producer_expire_pending")
+        if self._policy.max_per_msisdn:
+            await self._pool.execute(
+                self._queries["producer_prune_reservations"],
+                self._policy.cap_window_h,
+                SWEEP_CHUNK,
+            )
         if cancelled or expired:
             log.info("pending_swept", cancelled=cancelled, expired=expired)
         await self._report_unknown_services()

@@ -358,20 +358,28 @@ def segments(text: str) -> Segments:
     return Segments(encoding, sum(sizes), _count_parts(sizes, single, per_part))
 
 
-def render(body: str, variables: Mapping[str, Any]) -> Rendered:
-    """The text one recipient receives, checked for length, with its encoding and parts."""
-    return _checked(substitute(body, variables) if "$(" in body else body)
+def render(body: str, variables: Mapping[str, Any], *, smartlink_length: int = 0) -> Rendered:
+    """The text one recipient receives, checked for length, with its encoding and parts.
+
+    The platform replaces each `{{link_N}}` with a short URL: with `smartlink_length` > 0
+    parts and encoding are counted as if it had, with a URL of that many characters.
+    """
+    return _checked(substitute(body, variables) if "$(" in body else body, smartlink_length)
 
 
 # Texts repeat (a body without variables is the same for every recipient): each distinct
 # text is measured once. Rendered is immutable, so sharing it is safe.
 @functools.lru_cache(maxsize=4096)
-def _checked(text: str) -> Rendered:
+def _checked(text: str, smartlink_length: int = 0) -> Rendered:
     if not text.strip():
         raise InvalidRecipient("empty_text", "the text is empty after substitution")
     if len(text) > MAX_TEXT_CHARS:
         raise InvalidRecipient(
             "text_too_long", f"text is {len(text)} characters, the limit is {MAX_TEXT_CHARS}"
         )
-    seg = segments(text)
+    measured = text
+    if smartlink_length > 0 and "{{link_" in text:
+        # A short URL is plain ASCII, GSM-7 like the placeholder it replaces.
+        measured = _LINK.sub("x" * smartlink_length, text)
+    seg = segments(measured)
     return Rendered(text=text, encoding=seg.encoding, parts=seg.parts, link_ids=link_ids(text))

@@ -9,7 +9,7 @@ so a new status or move is added here first.
        ^                     |  \\               |
        |                     |   +--sender--> rejected / failed / expired (final)
        |                     |   +--sender--> unknown (in doubt) --recovery--> pending / failed
-       |                     +--producer--> invalid / suppressed (final)
+       |                     +--producer--> invalid / suppressed / duplicate / capped (final)
        +--producer-- (outside its sending window: waits for the opening, or expired)
        +--sender / recovery-- (retry, a batch given back)
     pending --producer--> cancelled / expired (sweeps of cancelled and expired campaigns)
@@ -31,6 +31,8 @@ RecipientStatus = Literal[
     "rejected",
     "invalid",
     "suppressed",
+    "duplicate",
+    "capped",
     "expired",
     "cancelled",
 ]
@@ -51,8 +53,12 @@ FINAL: Final[tuple[RecipientStatus, ...]] = (
     "rejected",
     "invalid",
     "suppressed",
+    "duplicate",
+    "capped",
     "cancelled",
 )
+# Final statuses the producer gives before any request: the recipient was never sent.
+NOT_SENT: Final[tuple[RecipientStatus, ...]] = ("invalid", "suppressed", "duplicate", "capped")
 # Not yet accepted by the API: these rows may still cost a request.
 UNSENT: Final[tuple[RecipientStatus, ...]] = ("pending", "sending", "unknown")
 # Accepted by the API (queued) or possibly accepted (sending, unknown): a delivery report
@@ -94,7 +100,12 @@ _NOT_SENDING = set(RECIPIENT_STATUSES) - {"sending"}
 # Every UPDATE of campaign.recipients' status, by query name.
 TRANSITIONS: Final[tuple[Move, ...]] = (
     _move("producer", "producer_claim_batch", {"pending"}, {"sending"}),
-    _move("producer", "producer_prepare_recipients", {"sending"}, {"invalid", "suppressed"}),
+    _move(
+        "producer",
+        "producer_prepare_recipients",
+        {"sending"},
+        {"invalid", "suppressed", "duplicate", "capped"},
+    ),
     # Outside the recipient's sending window: back to pending until it opens (attempts
     # unchanged), or expired when it opens only after the campaign's expires_at.
     _move("producer", "producer_defer_recipients", {"sending"}, {"pending", "expired"}),

@@ -2,8 +2,8 @@
 
 An embedded PostgreSQL (unless a DSN is configured), the API simulator and a worker with
 every role, all in this process; a seeded campaign of personalised recipients with a
-realistic outcome mix, a STOP reply and a few bad numbers. Progress per stage, then a
-summary of what happened and where the data lives.
+realistic outcome mix, a STOP reply, a few bad numbers and a few customers listed twice.
+Progress per stage, then a summary of what happened and where the data lives.
 
 The terminal is the person's, the log is the file's: for its run the demo re-routes the
 logging the CLI set up, so every event goes as JSON lines (secrets redacted) to a log file
@@ -74,6 +74,9 @@ BODY = "Hi $(name), your November code is $(code). Details: {{link_1}} Reply STO
 STOP_NUMBER_INDEX = 7
 # Numbers a real list would hold too: each ends `invalid` with its reason.
 BAD_NUMBERS = ("12345", "not a number", "+999123456789", "")
+# Customers listed twice, the second time written another way (no '+'): each second row
+# ends `duplicate`, the first one is sent.
+DUPLICATE_INDEXES = (2, 3, 5)
 # A realistic mix of final report codes (see the API facts): mostly delivered.
 OUTCOMES = {"7500": 0.93, "7203": 0.02, "7102": 0.01, "7206": 0.01, "7208": 0.01, "7201": 0.02}
 TIMEOUT_S = 600.0
@@ -192,15 +195,21 @@ async def _seed(conn: db.Connection, recipients: int) -> tuple[int, int]:
     campaign_id = await conn.fetchval(
         _queries()["demo_create_campaign"], SERVICE, BODY, min(CANARY_SIZE, recipients)
     )
-    good = max(recipients - len(BAD_NUMBERS) - 1, 0)
+    extra = len(BAD_NUMBERS) + 1 + len(DUPLICATE_INDEXES)
+    good = max(recipients - extra, max(DUPLICATE_INDEXES))
     await conn.execute(_queries()["demo_seed_recipients"], campaign_id, good)
-    # Bad input a real list carries: malformed numbers, and a row without its variables.
+    # Bad input a real list carries: malformed numbers, a row without its variables, and
+    # customers listed twice.
     await conn.executemany(
         _queries()["demo_insert_recipient"],
         [(campaign_id, n, {"name": "Bad", "code": "X"}) for n in BAD_NUMBERS]
-        + [(campaign_id, _msisdn(good + 1), {"name": "No code"})],
+        + [(campaign_id, _msisdn(good + 1), {"name": "No code"})]
+        + [
+            (campaign_id, _msisdn(i).lstrip("+"), {"name": "Again", "code": "X"})
+            for i in DUPLICATE_INDEXES
+        ],
     )
-    return int(campaign_id), good + len(BAD_NUMBERS) + 1
+    return int(campaign_id), good + extra
 
 
 async def _counts(conn: db.Connection, campaign_id: int) -> dict[str, int]:

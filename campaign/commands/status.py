@@ -31,7 +31,7 @@ QUERIES = (
     "status_window_waiting",
 )
 # Statuses whose reasons are worth listing, and how many reasons are shown.
-EXPLAINED = ("invalid", "failed", "rejected", "expired")
+EXPLAINED = ("invalid", "failed", "rejected", "expired", "capped")
 TOP_REASONS = 5
 # Campaign states in which nothing will be sent any more: --watch ends on them.
 FINISHED = ("completed", "cancelled")

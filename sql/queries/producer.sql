@@ -13,7 +13,8 @@
 -- recipients_campaign_status_idx: at most canary_size rows), and is passed over once that
 -- is zero, until producer_judge_canaries has judged it; other campaigns return NULL.
 SELECT c.id, c.service, c.sender_id, c.body, c.template_id, c.smartlinks, c.priority,
-       c.expires_at, c.callback_data, c.window_start, c.window_end, k.canary_left
+       c.expires_at, c.callback_data, c.window_start, c.window_end, k.canary_left,
+       c.allow_duplicates, c.bypass_caps
   FROM campaign.campaigns c
  CROSS JOIN LATERAL (
        SELECT CASE WHEN c.canary_size IS NOT NULL AND c.canary_judged_at IS NULL
@@ -102,8 +103,131 @@ RETURNING r.id, r.batch_id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_
 -- $1 numbers (text[])
 SELECT msisdn FROM campaign.suppressions WHERE msisdn = ANY($1::text[]);
 
+-- name: producer_lock_campaign_numbers
+-- Serialise the duplicate decisions of one campaign across workers, to the end of the
+-- transaction that stores them: two batches holding one number decide one after the
+-- other, the second seeing the first's campaign_numbers rows. Transaction-scoped, so a
+-- pooled connection never keeps it. Key: (1401, the campaign id folded into an int);
+-- two campaigns sharing a key only wait for each other.
+-- $1 campaign id
+SELECT pg_advisory_xact_lock(1401, ($1::bigint % 2147483647)::int);
+
+-- name: producer_unregistered_below
+-- Rows of the campaign below this batch's highest id that no prepared batch has decided
+-- yet: pending rows never claimed (another worker's claim not committed yet) or given
+-- back by a worker that died before preparing them, and rows of batches claimed but not
+-- prepared yet. The producer decides them too (without storing their status) so that a
+-- number's lowest id owns it even when a batch of higher ids is prepared first. Read
+-- under producer_lock_campaign_numbers. Two parts so each has its index: the pending
+-- rows through recipients_pending_idx (the range on campaign_id as in
+-- producer_claim_batch), the claimed ones through batches_unprepared_idx and
+-- recipients_batch_idx; one OR of both read every recipient of the campaign.
+-- $1 campaign id, $2 this batch's highest recipient id, $3 this batch's id
+-- The pending part is bounded (the lowest 5000): with more undecided rows below a batch
+-- than that, a number's owner may be a higher row than its lowest (never sent twice).
+(SELECT r.id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts
+   FROM campaign.recipients r
+  WHERE r.campaign_id >= $1 AND r.campaign_id <= $1
+    AND r.id < $2
+    AND r.status = 'pending'
+    AND r.next_attempt_at IS NULL
+    AND NOT EXISTS (SELECT 1
+                      FROM campaign.batches b
+                     WHERE b.id = r.batch_id AND b.prepared_at IS NOT NULL)
+  ORDER BY r.campaign_id, r.id
+  LIMIT 5000)
+UNION ALL
+(SELECT r.id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts
+   FROM campaign.batches b
+   JOIN campaign.recipients r ON r.batch_id = b.id
+  WHERE b.campaign_id = $1 AND b.prepared_at IS NULL AND b.id <> $3
+    AND r.status = 'sending'
+    AND r.id < $2)
+ORDER BY 1;
+
+-- name: producer_campaign_owners
+-- Which recipient of the campaign each of these numbers is sent to, when one is already
+-- decided. Read under producer_lock_campaign_numbers.
+-- $1 campaign id, $2 E.164 numbers (text[])
+SELECT msisdn_e164, recipient_id
+  FROM campaign.campaign_numbers
+ WHERE campaign_id = $1 AND msisdn_e164 = ANY($2::text[]);
+
+-- name: producer_register_numbers
+-- Record the recipient each newly seen number of the campaign is sent to. The primary
+-- key (campaign_id, msisdn_e164) is the rule "one row per number"; under the campaign's
+-- lock no conflict is expected, and DO NOTHING keeps an earlier owner if one appears.
+-- $1 campaign id, $2 numbers (text[]), $3 recipient ids (bigint[]), of equal length
+INSERT INTO campaign.campaign_numbers (campaign_id, msisdn_e164, recipient_id)
+SELECT $1, u.msisdn_e164, u.recipient_id
+  FROM unnest($2::text[], $3::bigint[]) AS u(msisdn_e164, recipient_id)
+ON CONFLICT (campaign_id, msisdn_e164) DO NOTHING;
+
+-- name: producer_lock_numbers
+-- The frequency cap is counted and reserved under one row lock per number: its
+-- cap_numbers row, inserted or updated here (an insert racing another for a new number
+-- waits for it). Rows are taken in one global order (sorted), so two workers never
+-- deadlock; the locks last to the end of the transaction that reserves, so a count and
+-- the reservation after it are exact whoever else sends to the number.
+-- $1 E.164 numbers (text[])
+INSERT INTO campaign.cap_numbers (msisdn_e164)
+SELECT DISTINCT n FROM unnest($1::text[]) AS n ORDER BY n
+ON CONFLICT (msisdn_e164) DO UPDATE SET touched_at = now();
+
+-- name: producer_cap_counts
+-- Messages counted against each number in the cap window: reservations of every
+-- campaign (see producer_reserve_caps). Read under producer_lock_numbers.
+-- $1 E.164 numbers (text[]), $2 window hours
+SELECT msisdn_e164, count(*) AS n
+  FROM campaign.cap_reservations
+ WHERE msisdn_e164 = ANY($1::text[])
+   AND reserved_at > now() - make_interval(secs => $2::float8 * 3600)
+ GROUP BY msisdn_e164;
+
+-- name: producer_cap_held
+-- Which of these recipients hold a reservation already (a retry, or a batch given back
+-- unsent): counted once, not stopped by their own reservation.
+-- $1 recipient ids (bigint[])
+SELECT recipient_id FROM campaign.cap_reservations WHERE recipient_id = ANY($1::bigint[]);
+
+-- name: producer_reserve_caps
+-- Take a place under the cap for each recipient about to be sent; the sender gives it
+-- back when the API does not accept the message (sender_write_results).
+-- $1 recipient ids (bigint[]), $2 numbers (text[]), of equal length
+INSERT INTO campaign.cap_reservations (recipient_id, msisdn_e164)
+SELECT u.recipient_id, u.msisdn_e164
+  FROM unnest($1::bigint[], $2::text[]) AS u(recipient_id, msisdn_e164)
+ON CONFLICT (recipient_id) DO NOTHING;
+
+-- name: producer_mark_prepared
+-- The batch's rows are decided (duplicates registered, caps reserved): from now on
+-- producer_unregistered_below leaves them out.
+-- $1 batch id
+UPDATE campaign.batches SET prepared_at = now() WHERE id = $1;
+
+-- name: producer_prune_reservations
+-- Reservations older than the cap window count for nothing, nor does a cap_numbers row
+-- untouched as long (every reservation touches its number): delete both, bounded.
+-- $1 window hours, $2 maximum rows of each
+WITH numbers AS (
+    DELETE FROM campaign.cap_numbers
+     WHERE msisdn_e164 IN (
+            SELECT msisdn_e164
+              FROM campaign.cap_numbers
+             WHERE touched_at <= now() - make_interval(secs => $1::float8 * 3600)
+             LIMIT $2
+               FOR UPDATE SKIP LOCKED)
+)
+DELETE FROM campaign.cap_reservations
+ WHERE recipient_id IN (
+        SELECT recipient_id
+          FROM campaign.cap_reservations
+         WHERE reserved_at <= now() - make_interval(secs => $1::float8 * 3600)
+         LIMIT $2);
+
 -- name: producer_prepare_recipients
--- Give the claimed rows that must not be sent (invalid / suppressed) their final status
+-- Give the claimed rows that must not be sent (invalid / suppressed / duplicate / capped)
+-- their final status
 -- and reason in one statement; they leave the batch. Rows still to send are not touched
 -- here: their number, encoding and parts are written with their results (sender_write_results),
 -- so a sent row is written twice, not three times. The batch keeps the count still to

@@ -95,7 +95,14 @@ WITH outcome AS (
            updated_at = now()
       FROM outcome u
      WHERE r.id = u.id AND r.batch_id = $1 AND r.status IN ('sending', 'unknown')
-    RETURNING r.id
+    RETURNING r.id, u.status AS outcome
+), uncapped AS (
+    -- The frequency cap counts what the API accepted: a recipient it did not accept
+    -- (refused, failed, expired, or to be tried again) gives its reservation back; a
+    -- retry reserves again when it is prepared. In doubt (`unknown`) keeps it.
+    DELETE FROM campaign.cap_reservations c
+     USING updated d
+     WHERE c.recipient_id = d.id AND d.outcome IN ('rejected', 'failed', 'expired', 'pending')
 )
 UPDATE campaign.batches
    SET status = $3, destinations = $4, accepted = $5, rejected = $6, http_status = $7,

@@ -45,12 +45,13 @@ async def test_demo_piped_prints_a_line_per_stage_and_logs_to_its_file(
     assert len(err.splitlines()) < 10
 
     # The summary (what the demo seeds: four malformed numbers, one row without its
-    # variables and one customer who replied STOP).
+    # variables, three customers listed twice and one customer who replied STOP).
     assert ": completed" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert int(rows["total"][1].replace(",", "")) == 2000
     assert int(rows["invalid"][1]) == 5
     assert int(rows["suppressed"][1]) == 1
+    assert int(rows["duplicate"][1]) == 3
     assert int(rows["delivered"][1].replace(",", "")) > 1600
     assert "report lag" in out and "data: postgresql://" in out
     # Guard rails while sending: a window open now for the (Indian) recipients, a canary

@@ -51,7 +51,7 @@ def test_example_file_loads_and_documents_every_key(monkeypatch: pytest.MonkeyPa
                 value = fallback.group(1)
             elif "${" in str(value) or section.name == "services":
                 continue
-            default = f.default
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             expected = list(default) if isinstance(default, tuple) else default
             assert value == expected, f"[{section.name}] {f.name} differs from default"
 

@@ -298,3 +298,14 @@ def test_render_limits_length_and_refuses_empty_texts() -> None:
     with pytest.raises(sms.InvalidRecipient) as info:
         sms.render("$(t)", {"t": " "})
     assert info.value.code == "empty_text"
+
+
+def test_a_smartlink_is_counted_as_the_short_url_the_platform_puts_there() -> None:
+    # 150 characters with the placeholder: one part as written, two with a 30-character URL.
+    body = "a" * 136 + " {{link_5}}"
+    assert len(body) == 147
+    assert sms.render(body, {}).parts == 1
+    counted = sms.render(body, {}, smartlink_length=30)
+    assert counted.parts == 2
+    assert counted.text == body  # the placeholder is what is sent; the platform replaces it
+    assert counted.link_ids == ("5",)
