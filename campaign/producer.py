@@ -462,7 +462,7 @@ class Producer:
             capped=stopped["capped"],
             outside_window=len(held),
         )
-        finals: dict[str, int] = dict(stopped)
+        finals: dict[str, int] = {str(k): n for k, n in stopped.items()}
         finals["expired"] = stopped["expired"] + sum(p.status == "expired" for p in held)
         metrics.count_final(finals)
         if ready:
