@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 from collections.abc import AsyncIterator
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -75,6 +77,8 @@ async def test_check_counts_what_the_workers_then_do(
         "suppressed": 1,
         "duplicate": 2,
         "capped": 5,
+        "waiting": 0,
+        "expired": 0,
     }
     assert {i["code"] for i in report["invalid"]} == {
         "missing_variable",
@@ -102,7 +106,43 @@ async def test_check_counts_what_the_workers_then_do(
     after = await statuses(conn, cid)
     done = {s: after.get(s, 0) for s in NOT_SENT}
     done["send"] = sum(n for s, n in after.items() if s not in NOT_SENT)
-    assert done == report["outcomes"]
+    assert done == {k: n for k, n in report["outcomes"].items() if k not in ("waiting", "expired")}
+
+
+async def test_check_counts_rows_outside_their_sending_window_as_waiting(
+    api: FakeApi, conn: asyncpg.Connection, dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = capped_settings(api, dsn, max_per_msisdn=0)
+    # A window that opens two hours from now in India (the numbers' zone): shut now.
+    local = dt.datetime.now(ZoneInfo("Asia/Kolkata"))
+    start = (local + dt.timedelta(hours=2)).time().replace(second=0, microsecond=0)
+    end = (local + dt.timedelta(hours=3)).time().replace(second=0, microsecond=0)
+    cid = await create_campaign(conn, status="draft")
+    await conn.execute(
+        "UPDATE campaign.campaigns SET window_start = $2, window_end = $3 WHERE id = $1",
+        cid,
+        start,
+        end,
+    )
+    await add_recipients(conn, cid, numbers(4))
+
+    args = argparse.Namespace(campaign_id=cid, json=True, sample=0)
+    assert await check.cmd_check(args, settings) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["outcomes"]["waiting"] == 4 and report["outcomes"]["send"] == 0
+
+    # The worker does what check said: the rows wait, and check then counts them apart.
+    await conn.execute("UPDATE campaign.campaigns SET status = 'ready' WHERE id = $1", cid)
+    assert await drain(settings, dsn) == 0
+    assert await statuses(conn, cid) == {"pending": 4}
+    capsys.readouterr()
+    assert await check.cmd_check(args, settings) == 0
+    again = orjson.loads(capsys.readouterr().out)
+    assert again["checked"] == 0 and again["already_waiting"] == 4
+    first = await conn.fetchval(
+        "SELECT min(next_attempt_at) FROM campaign.recipients WHERE campaign_id = $1", cid
+    )
+    assert again["next_at"] == first.isoformat()
 
 
 async def test_check_exits_2_on_a_bad_id_or_an_unknown_service(
