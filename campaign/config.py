@@ -27,6 +27,10 @@ OnTimeout = Literal["resolve", "resend", "fail"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
+# The kinds of rows in campaign.events (sql/migrations/0004_events.sql holds the same list
+# in its CHECK; tests/integration/test_events.py compares them).
+EVENT_KINDS = ("recipient_final", "campaign_status", "opt_out", "opt_in", "reply")
+
 
 class ConfigError(Exception):
     """A configuration problem, worded as one line for the operator."""
@@ -102,6 +106,39 @@ class ReconcilerSettings:
 class OptOutSettings:
     stop_keywords: tuple[str, ...] = ("STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT")
     start_keywords: tuple[str, ...] = ("START", "UNSTOP")
+    # An incoming message answers the most recent recipient sent to its number this long ago
+    # at most (its campaign is the one a STOP opts out of).
+    reply_window_h: float = 72.0
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """The outbox (campaign.events) and its forwarder to the application's URL."""
+
+    # Written to campaign.event_settings by the worker at start; the triggers read it.
+    enabled: bool = True
+    kinds: tuple[str, ...] = EVENT_KINDS
+    # Empty: no forwarder. Events are POSTed as JSON arrays in id order, at least once.
+    forward_url: str = ""
+    forward_secret: str = field(default="", metadata={"secret": True})
+    forward_batch: int = 500
+    forward_timeout_s: float = 5.0
+    # Another worker takes over the forwarder this long after its holder stopped renewing.
+    forward_lease_s: float = 10.0
+    forward_backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """What delivery reports teach (codes: docs/webhooks.md#learning-from-reports)."""
+
+    # The number does not exist: suppressed for suppress_days (reason dr:<code>).
+    suppress_codes: tuple[str, ...] = ("7102", "7203")
+    suppress_days: int = 90
+    # The phone could not take it now (internal error, SIM full, out of coverage): the
+    # recipient is sent once more after retry_after_s.
+    retry_codes: tuple[str, ...] = ("7006", "7206", "7207")
+    retry_after_s: float = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +157,7 @@ class RetentionSettings:
     batches_days: int = 90
     incoming_days: int = 90
     rejects_days: int = 30
+    events_days: int = 7
     batch_size: int = 10_000
 
 
@@ -141,6 +179,8 @@ class Settings:
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
+    events: EventSettings = EventSettings()
+    policy: PolicySettings = PolicySettings()
     source: str = "<defaults>"
 
     @property
@@ -150,7 +190,7 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log redaction."""
-        values = [self.webhooks.token, self.webhooks.hmac_secret]
+        values = [self.webhooks.token, self.webhooks.hmac_secret, self.events.forward_secret]
         values += [s.key for s in self.services.values()]
         values += dsn_passwords(self.database_dsn)
         return [v for v in values if v]
@@ -249,6 +289,12 @@ _POSITIVE = {
     "backoff_base_s",
     "backoff_max_s",
     "recovery_interval_s",
+    "reply_window_h",
+    "forward_batch",
+    "forward_timeout_s",
+    "forward_lease_s",
+    "forward_backoff_max_s",
+    "retry_after_s",
 }
 
 
@@ -347,12 +393,50 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
         raise ConfigError(f"{source}: {where} token: {_URL_SAFE_HINT}")
     if cls is WebhookSettings and "report_timezone" in kwargs:
         _check_timezone(kwargs["report_timezone"], source, where)
+    if cls is EventSettings:
+        _check_events(kwargs, source, where)
+    if cls is PolicySettings:
+        for key in ("suppress_codes", "retry_codes"):
+            bad = [c for c in kwargs.get(key, ()) if not re.fullmatch(r"[0-9]{4}", c)]
+            if bad:
+                raise ConfigError(f"{source}: {where} {key}: {bad[0]!r} is not a 4-digit code")
+        policy = PolicySettings()
+        both = set(kwargs.get("suppress_codes", policy.suppress_codes)) & set(
+            kwargs.get("retry_codes", policy.retry_codes)
+        )
+        if both:
+            raise ConfigError(
+                f"{source}: {where} retry_codes: {sorted(both)[0]} is also in suppress_codes"
+            )
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
     for key, value in kwargs.items():
         if key.endswith("_days") and value < 0:
             raise ConfigError(f"{source}: {where} {key}: must not be negative (0 keeps forever)")
     return cls(**kwargs)
+
+
+def _check_events(kwargs: Mapping[str, Any], source: str, where: str) -> None:
+    unknown = [k for k in kwargs.get("kinds", ()) if k not in EVENT_KINDS]
+    if unknown:
+        raise ConfigError(
+            f"{source}: {where} kinds: {unknown[0]!r} is not one of {', '.join(EVENT_KINDS)}"
+        )
+    url = kwargs.get("forward_url", "")
+    if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"{source}: {where} forward_url: must be an http:// or https:// URL")
+    defaults = EventSettings()
+    timeout_s = kwargs.get("forward_timeout_s", defaults.forward_timeout_s)
+    if kwargs.get("forward_lease_s", defaults.forward_lease_s) <= timeout_s:
+        raise ConfigError(
+            f"{source}: {where} forward_lease_s: must be longer than forward_timeout_s "
+            f"({timeout_s:g} s), or a slow POST loses the lease to another worker"
+        )
+    if url and not kwargs.get("forward_secret"):
+        raise ConfigError(
+            f"{source}: {where} forward_secret: missing (the receiver verifies each body's "
+            "HMAC-SHA256 with it)"
+        )
 
 
 def _check_timezone(name: str, source: str, where: str) -> None:

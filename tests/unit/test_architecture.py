@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "campaign.reconciler": 3,
     "campaign.webhooks": 3,
     "campaign.fleet": 3,
+    "campaign.forwarder": 3,
     # Composition of the roles, and the API simulator (a tool beside them).
     "campaign.worker": 4,
     "campaign.simulator": 4,
