@@ -56,3 +56,14 @@ SELECT min(sent_at) AS first_sent, max(sent_at) AS last_sent,
        count(sent_at) AS accepted
   FROM campaign.recipients
  WHERE campaign_id = $1;
+
+-- name: status_replies
+-- Replies linked to one campaign (the receiver links each incoming message to the latest
+-- recipient sent to its number within [optout] reply_window_h) and how many were STOP /
+-- START, through incoming_messages_campaign_idx.
+-- $1 campaign id
+SELECT count(*) AS replies,
+       count(*) FILTER (WHERE action = 'opt_out') AS opt_outs,
+       count(*) FILTER (WHERE action = 'opt_in') AS opt_ins
+  FROM campaign.incoming_messages
+ WHERE campaign_id = $1;
