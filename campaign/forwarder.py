@@ -112,6 +112,7 @@ class Forwarder:
         self._settled = 0
         self.holding = False
         # Counters for tests and stats.
+        self.rounds = 0
         self.forwarded = 0
         self.posts = 0
         self.failures = 0
@@ -157,6 +158,7 @@ class Forwarder:
     async def _round(self, session: aiohttp.ClientSession) -> float:
         """Take or renew the lease, forward one batch; how long to wait before the next."""
         s = self._settings
+        self.rounds += 1
         position = await self._pool.fetchval(
             self._queries["forwarder_take_lease"], self._worker_id, s.forward_lease_s
         )

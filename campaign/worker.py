@@ -143,7 +143,11 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 if self._roles.reconciler:
                     reconciler = Reconciler(
-                        pool=pool, settings=settings.reconciler, queries=queries
+                        pool=pool,
+                        settings=settings.reconciler,
+                        queries=queries,
+                        policy=settings.policy,
+                        max_attempts={n: s.max_attempts for n, s in settings.services.items()},
                     )
                     tg.create_task(reconciler.run(self._stop), name="reconciler")
                 if settings.events.forward_url:

@@ -227,6 +227,8 @@ def _settings(base: config.Settings, *, sim_url: str, port: int, rate: float) ->
         ),
         reconciler=dataclasses.replace(base.reconciler, interval_s=0.2),
         worker=dataclasses.replace(base.worker, worker_id="demo-worker", stats_interval_s=10.0),
+        # SIM full (7206) is in the demo's report mix: sent once more within the demo.
+        policy=dataclasses.replace(base.policy, retry_after_s=2.0),
     )
 
 
