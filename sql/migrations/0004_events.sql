@@ -65,6 +65,10 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_OP = 'UPDATE' THEN
+        -- EXECUTE: planned for this statement's row count. A cached plan is made for the
+        -- first statement's transition tables and kept: made for one row (a nested loop),
+        -- it made a 5,000-row match statement twelve times slower.
+        EXECUTE $sql$
         INSERT INTO campaign.events (kind, campaign_id, recipient_id, msisdn, status, code, data)
         SELECT 'recipient_final', n.campaign_id, n.id, coalesce(n.msisdn_e164, n.msisdn),
                n.status, coalesce(n.error_code, n.dr_code),
@@ -83,7 +87,8 @@ BEGIN
          WHERE n.status IN ('delivered', 'failed', 'expired', 'rejected', 'invalid',
                             'suppressed', 'cancelled')
            AND n.status IS DISTINCT FROM o.status
-         ORDER BY n.id;
+         ORDER BY n.id
+        $sql$;
     ELSE
         -- Rows inserted already final (an application importing history).
         INSERT INTO campaign.events (kind, campaign_id, recipient_id, msisdn, status, code, data)
@@ -128,6 +133,8 @@ BEGIN
     IF NOT campaign.event_wanted('campaign_status') THEN
         RETURN NULL;
     END IF;
+    -- EXECUTE: planned for this statement's row count (see campaign.recipient_events).
+    EXECUTE $sql$
     INSERT INTO campaign.events (kind, campaign_id, status, data)
     SELECT 'campaign_status', n.id, n.status,
            jsonb_strip_nulls(jsonb_build_object(
@@ -145,7 +152,8 @@ BEGIN
       JOIN old_rows o ON o.id = n.id
      WHERE n.status IN ('running', 'paused', 'completed', 'cancelled')
        AND n.status IS DISTINCT FROM o.status
-     ORDER BY n.id;
+     ORDER BY n.id
+    $sql$;
     GET DIAGNOSTICS written = ROW_COUNT;
     IF written > 0 THEN
         PERFORM pg_notify('campaign_events', 'campaign_status');
