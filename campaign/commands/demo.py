@@ -53,6 +53,7 @@ QUERIES = (
     "demo_is_suppressed",
     "demo_campaign_status",
     "demo_delivery_stats",
+    "demo_learning",
     "demo_delete_earlier",
     "demo_vacuum",
     "demo_limit_wal",
@@ -395,6 +396,8 @@ async def _follow(
     assert stats is not None
     counts = await _counts(conn, campaign_id)
     accepted = sum(counts.get(s, 0) for s in ACCEPTED)
+    learning = await conn.fetchrow(_queries()["demo_learning"], campaign_id)
+    assert learning is not None
     send_window_s = (
         (stats["last_sent"] - stats["first_sent"]).total_seconds() if stats["first_sent"] else 0.0
     )
@@ -407,6 +410,9 @@ async def _follow(
         "send_rate_per_s": accepted / send_window_s if send_window_s > 0 else None,
         "reports_s": reports_s,
         "lag": list(stats["lag"] or []),
+        "retried": int(learning["retried"]),
+        "suppressed_by_reports": int(learning["suppressed"]),
+        "events": dict(learning["events"]),
     }
 
 
@@ -435,6 +441,14 @@ def _print_summary(
         out.write(
             f"  report lag            p50 {lag[0]:.2f} s  p95 {lag[1]:.2f} s  p99 {lag[2]:.2f} s\n"
         )
+    out.write(
+        f"  learnt from reports   {summary['retried']:,} sent once more (transient failure), "
+        f"{summary['suppressed_by_reports']:,} numbers suppressed (do not exist)\n"
+    )
+    events = summary["events"]
+    if events:
+        kinds = ", ".join(f"{kind} {n:,}" for kind, n in sorted(events.items()))
+        out.write(f"  events (outbox)       {sum(events.values()):,}: {kinds}\n")
     destinations = sim_stats.get("destinations", {})
     reports = sim_stats.get("reports", {})
     out.write(
