@@ -11,6 +11,7 @@ import hashlib
 import hmac
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,7 @@ from aiohttp import web
 from campaign import db
 from campaign.config import EventSettings
 from campaign.forwarder import SIGNATURE_HEADER, Forwarder, signature
+from tests.helpers.proc import Processes, write_config
 from tests.helpers.webhooks import seed_campaign
 
 pytestmark = pytest.mark.timeout(240)
@@ -261,3 +263,47 @@ async def test_position_survives_a_restart(pool: asyncpg.Pool, conn: asyncpg.Con
         await finish(conn, ids[5:])
         await run_until(lambda: len(r.acknowledged()) == 10)
     assert r.acknowledged() == await event_ids(conn)
+
+
+async def test_the_worker_forwards_and_a_second_takes_over_when_the_first_is_killed(
+    conn: asyncpg.Connection, dsn: str, tmp_path: Path, campaign_process: Processes
+) -> None:
+    # A recipient still open: the reconciler does not complete the campaign meanwhile.
+    campaign_id, _ = await seed_campaign(conn, ["queued"], campaign_status="ready")
+    async with receiver([]) as r:
+        cfg = write_config(
+            tmp_path / "worker.toml",
+            events={
+                "kinds": ["campaign_status"],
+                "forward_url": r.url,
+                "forward_secret": SECRET,
+                "forward_timeout_s": 1.0,
+                "forward_lease_s": 3.0,
+            },
+        )
+        first = await campaign_process.start(
+            "worker", "--no-sender", "--worker-id", "first", config=cfg, dsn=dsn
+        )
+        await first.wait_event("events_forwarder_started")
+        second = await campaign_process.start(
+            "worker", "--no-sender", "--worker-id", "second", config=cfg, dsn=dsn
+        )
+        await second.wait_event("worker_started")
+        await conn.execute(SET_STATUS, campaign_id, "paused")
+        await r.wait_for(lambda: len(r.acknowledged()) == 1)
+
+        await first.kill()
+        await conn.execute(SET_STATUS, campaign_id, "running")
+        await second.wait_event("events_forwarder_started")
+        await r.wait_for(lambda: len(r.acknowledged()) >= 2)
+        await second.stop()
+
+    written = await event_ids(conn)
+    kinds = {e["kind"] for e in await conn.fetch("SELECT kind FROM campaign.events")}
+    # [events] kinds reached the triggers: only campaign status changes were written.
+    assert kinds == {"campaign_status"} and len(written) == 2
+    assert sorted(set(r.acknowledged())) == written
+    assert r.bad_signatures == 0
+
+
+SET_STATUS = "UPDATE campaign.campaigns SET status = $2 WHERE id = $1"
