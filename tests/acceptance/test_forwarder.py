@@ -22,6 +22,7 @@ from aiohttp import web
 from campaign import db
 from campaign.config import EventSettings
 from campaign.forwarder import SIGNATURE_HEADER, Forwarder, signature
+from tests.helpers.pgprivate import pg_bin, private_server
 from tests.helpers.proc import Processes, write_config
 from tests.helpers.webhooks import seed_campaign
 
@@ -307,3 +308,36 @@ async def test_the_worker_forwards_and_a_second_takes_over_when_the_first_is_kil
 
 
 SET_STATUS = "UPDATE campaign.campaigns SET status = $2 WHERE id = $1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(pg_bin() is None, reason="needs PostgreSQL server binaries")
+async def test_the_forwarder_lives_through_a_database_restart() -> None:
+    async with private_server() as server, receiver([]) as r:
+        conn = await db.connect(server.dsn)
+        try:
+            await db.migrate(conn)
+            _, rows = await seed_campaign(conn, ["queued"] * 20)
+            ids = [row["id"] for row in rows]
+            await finish(conn, ids[:10])
+        finally:
+            await conn.close()
+        pool = await db.create_pool(server.dsn, min_size=1, max_size=2)
+        try:
+            forwarder = Forwarder(
+                pool=pool, queries=db.load_queries(), settings=settings(r.url), worker_id="w1"
+            )
+            async with running(forwarder):
+                await r.wait_for(lambda: len(r.acknowledged()) == 10)
+                await server.restart(mode="immediate")
+                conn = await db.connect(server.dsn)
+                try:
+                    await finish(conn, ids[10:])
+                    written = await event_ids(conn)
+                finally:
+                    await conn.close()
+                await r.wait_for(lambda: set(r.acknowledged()) >= set(written))
+        finally:
+            await pool.close()
+    # At least once, in order; a repeat only of what was in flight at the restart.
+    assert list(dict.fromkeys(r.acknowledged())) == written
