@@ -256,3 +256,36 @@ async def test_rows_inserted_final_write_an_event(conn: asyncpg.Connection, stat
         "919810000002",
     )
     assert [e["status"] for e in await events(conn, "recipient_final")] == [status]
+
+
+async def test_the_trigger_join_is_planned_for_each_statement_size(
+    conn: asyncpg.Connection,
+) -> None:
+    # A plan cached for a one-row first statement (a nested loop over the transition
+    # tables) made 5,000-row statements twelve times slower; the join runs through
+    # EXECUTE so each statement gets a plan for its own size. auto_explain shows the
+    # nested INSERT's plan to this session.
+    _, rows = await seed_campaign(conn, ["queued"] * 3001)
+    plans: list[str] = []
+    conn.add_log_listener(lambda _conn, message: plans.append(str(message.message)))
+    await conn.execute(
+        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
+        "SET auto_explain.log_nested_statements = on; SET client_min_messages = log"
+    )
+    try:
+        await finish_rows(conn, [rows[0]["id"]])
+        plans.clear()
+        await finish_rows(conn, [r["id"] for r in rows[1:]])
+        await conn.execute("SELECT 1")
+    finally:
+        await conn.execute("RESET client_min_messages; RESET auto_explain.log_min_duration")
+    inserts = [p for p in plans if "INSERT INTO campaign.events" in p]
+    assert inserts, plans
+    assert all("Nested Loop" not in p for p in inserts), inserts
+    assert len(await events(conn, "recipient_final")) == 3001
+
+
+async def finish_rows(conn: asyncpg.Connection, ids: list[int]) -> None:
+    await conn.execute(
+        "UPDATE campaign.recipients SET status = 'delivered' WHERE id = ANY($1)", ids
+    )
