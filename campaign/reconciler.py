@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
-from campaign import db, reports, statuses
+from campaign import codes, db, reports, statuses
 from campaign.aio import sleep_or_stop
 from campaign.config import PolicySettings, ReconcilerSettings, ServiceSettings
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 QUERIES = (
     "reconcile_match_reports",
@@ -41,10 +44,25 @@ STEP_TIMEOUT_S = 30.0
 class StepTimedOut(TimeoutError):
     """A step waited past STEP_TIMEOUT_S: for a pool connection, or for its statement."""
 
-    def __init__(self, waited_for: str, statement: str) -> None:
+    def __init__(
+        self,
+        waited_for: str,
+        statement: str,
+        *,
+        activity: list[dict[str, object]] | None = None,
+        backend_pid: int | None = None,
+        loop_late_s: float | None = None,
+    ) -> None:
         super().__init__(f"{waited_for} of {statement} took over {STEP_TIMEOUT_S:.0f} s")
         self.waited_for = waited_for
         self.statement = statement
+        # Taken while the statement still ran (None: take it when logging).
+        self.activity = activity
+        # The session that ran the statement, to find it in `activity`.
+        self.backend_pid = backend_pid
+        # How long after STEP_TIMEOUT_S the event loop noticed: a starved or blocked
+        # process shows here, a slow server does not.
+        self.loop_late_s = loop_late_s
 
 
 @contextlib.asynccontextmanager
@@ -109,8 +127,10 @@ class Reconciler:
         self._services = list(attempts)
         self._max_attempts = list(attempts.values())
         self._queries = db.require(queries, QUERIES)
-        self._codes = list(reports.CODE_STATUS)
-        self._statuses = list(reports.CODE_STATUS.values())
+        # Every documented report code, with the status it leads to and its meaning.
+        self._codes = sorted(set(reports.CODE_STATUS) | set(codes.REPORT_CODES))
+        self._statuses = [reports.status_for_code(code) for code in self._codes]
+        self._meanings = [codes.meaning(code) for code in self._codes]
         # Keyset cursor over new reports; back to 0 after a pass that was not full.
         self._after_id = 0
         self._last_sweep = -float("inf")
@@ -200,22 +220,26 @@ class Reconciler:
         async with _step("pool_acquire", "reconcile_match_reports"):
             conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
         try:
-            async with _step("statement", "reconcile_match_reports"), conn.transaction():
+            async with conn.transaction():
                 await conn.execute("SET LOCAL synchronous_commit = off")
-                match = await conn.fetchrow(
-                    self._queries["reconcile_match_reports"],
-                    after_id,
-                    s.batch_size,
-                    self._codes,
-                    self._statuses,
-                    reports.OTHER_CODE_STATUS,
-                    list(self._policy.retry_codes),
-                    self._policy.retry_after_s,
-                    self._services,
-                    self._max_attempts,
-                    list(self._policy.suppress_codes),
-                    self._policy.suppress_days,
-                    timeout=STEP_TIMEOUT_S,
+                match = await self._bounded(
+                    conn,
+                    "reconcile_match_reports",
+                    conn.fetchrow(
+                        self._queries["reconcile_match_reports"],
+                        after_id,
+                        s.batch_size,
+                        self._codes,
+                        self._statuses,
+                        self._meanings,
+                        reports.OTHER_CODE_STATUS,
+                        list(self._policy.retry_codes),
+                        self._policy.retry_after_s,
+                        self._services,
+                        self._max_attempts,
+                        list(self._policy.suppress_codes),
+                        self._policy.suppress_days,
+                    ),
                 )
         finally:
             await self._pool.release(conn)
@@ -227,13 +251,11 @@ class Reconciler:
     ) -> tuple[list[db.Record], list[db.Record], list[db.Record]]:
         """Orphan long-unmatched reports, time out silent recipients, complete campaigns."""
         s = self._settings
-        async with _step("statement", "reconcile_orphan_reports"):
-            orphans = await conn.fetch(
-                self._queries["reconcile_orphan_reports"],
-                s.orphan_after_s,
-                s.batch_size,
-                timeout=STEP_TIMEOUT_S,
-            )
+        orphans = await self._bounded(
+            conn,
+            "reconcile_orphan_reports",
+            conn.fetch(self._queries["reconcile_orphan_reports"], s.orphan_after_s, s.batch_size),
+        )
         for row in orphans:
             log.warning(
                 "report_orphaned",
@@ -244,13 +266,11 @@ class Reconciler:
                 orphan_after_s=s.orphan_after_s,
             )
 
-        async with _step("statement", "reconcile_report_timeout"):
-            timed_out = await conn.fetch(
-                self._queries["reconcile_report_timeout"],
-                s.report_timeout_s,
-                s.batch_size,
-                timeout=STEP_TIMEOUT_S,
-            )
+        timed_out = await self._bounded(
+            conn,
+            "reconcile_report_timeout",
+            conn.fetch(self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size),
+        )
         for row in timed_out:
             log.warning(
                 "reports_timed_out",
@@ -263,18 +283,21 @@ class Reconciler:
         # one transaction: a recipient inserted meanwhile is either seen by the second look
         # or reopens the campaign once the lock is released (reconciler.sql says why).
         async with conn.transaction():
-            async with _step("statement", "reconcile_lock_finished_campaigns"):
-                finished = await conn.fetch(
-                    self._queries["reconcile_lock_finished_campaigns"], timeout=STEP_TIMEOUT_S
-                )
+            finished = await self._bounded(
+                conn,
+                "reconcile_lock_finished_campaigns",
+                conn.fetch(self._queries["reconcile_lock_finished_campaigns"]),
+            )
             completed = []
             if finished:
-                async with _step("statement", "reconcile_complete_campaigns"):
-                    completed = await conn.fetch(
+                completed = await self._bounded(
+                    conn,
+                    "reconcile_complete_campaigns",
+                    conn.fetch(
                         self._queries["reconcile_complete_campaigns"],
                         [row["id"] for row in finished],
-                        timeout=STEP_TIMEOUT_S,
-                    )
+                    ),
+                )
         for row in completed:
             counts: Mapping[str, int] = row["counts"]
             per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}
@@ -298,22 +321,47 @@ class Reconciler:
                 )
         return orphans, timed_out, completed
 
-    async def _log_timeout(self, exc: StepTimedOut) -> None:
-        """Say what the step waited for, with what our other connections were doing."""
-        activity: list[dict[str, object]] | str
+    async def _bounded(self, conn: db.PoolConnection, statement: str, call: Awaitable[_T]) -> _T:
+        """Await `call` (a statement on `conn`) for up to STEP_TIMEOUT_S; past that, take a
+        snapshot of the database's sessions while it still runs, then cancel it."""
+        task = asyncio.ensure_future(call)
+        started = time.monotonic()
+        done, _ = await asyncio.wait({task}, timeout=STEP_TIMEOUT_S)
+        if task in done:
+            return task.result()
+        loop_late_s = round(time.monotonic() - started - STEP_TIMEOUT_S, 3)
+        activity = await self._activity()
+        task.cancel()  # asyncpg asks the server to cancel the statement
+        await asyncio.wait({task}, timeout=STEP_TIMEOUT_S)
+        raise StepTimedOut(
+            "statement",
+            statement,
+            activity=activity if isinstance(activity, list) else None,
+            backend_pid=conn.get_server_pid(),
+            loop_late_s=loop_late_s,
+        )
+
+    async def _activity(self) -> list[dict[str, object]] | str:
+        """The database's busy sessions (reconcile_activity), or why they are unknown."""
         try:
             probe_s = min(5.0, STEP_TIMEOUT_S)
             async with self._pool.acquire(timeout=probe_s) as conn:
                 rows = await conn.fetch(self._queries["reconcile_activity"], timeout=probe_s)
-            activity = [dict(r) for r in rows]
+            return [dict(r) for r in rows]
         except db.UNAVAILABLE_ERRORS as probe:
-            activity = f"not available: {type(probe).__name__}"
+            return f"not available: {type(probe).__name__}"
+
+    async def _log_timeout(self, exc: StepTimedOut) -> None:
+        """Say what the step waited for, with what the database's sessions were doing."""
+        activity = exc.activity if exc.activity is not None else await self._activity()
         log.error(
             "reconcile_failed",
             error=str(exc),
             error_type="StepTimedOut",
             waited_for=exc.waited_for,
             statement=exc.statement,
+            backend_pid=exc.backend_pid,
+            loop_late_s=exc.loop_late_s,
             pool_size=self._pool.get_size(),
             pool_idle=self._pool.get_idle_size(),
             activity=activity,

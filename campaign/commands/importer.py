@@ -173,13 +173,18 @@ async def import_csv(
             # Every row is sent; the COPY now commits and updates the indexes.
             committing(total)
 
-    await conn.copy_to_table(
-        "recipients",
-        schema_name="campaign",
-        columns=["campaign_id", "msisdn", "variables"],
-        source=source(),
-        format="csv",
-    )
+    async with conn.transaction():
+        # Our connections plan every statement afresh (db.SERVER_SETTINGS), and that
+        # includes the foreign key check PostgreSQL runs for each copied row: planned a
+        # million times, it doubled the COPY (1,000,000 rows: 89 s -> 44 s with this).
+        await conn.execute("SET LOCAL plan_cache_mode = auto")
+        await conn.copy_to_table(
+            "recipients",
+            schema_name="campaign",
+            columns=["campaign_id", "msisdn", "variables"],
+            source=source(),
+            format="csv",
+        )
     return ImportResult(rows=total, duration_s=time.monotonic() - started)
 
 

@@ -16,18 +16,18 @@
 -- the later arrival (the higher id) wins. A report of a superseded attempt (its transid
 -- is not the recipient's) is linked to the recipient and changes nothing.
 -- Learning ([policy], docs/webhooks.md#learning-from-delivery-reports): a failure whose
--- code is in $6 sends a recipient that is not final yet once more (back to pending after
--- $7 seconds, a new transid to come; the given-up transid is kept in retried_transid so a
+-- code is in $7 sends a recipient that is not final yet once more (back to pending after
+-- $8 seconds, a new transid to come; the given-up transid is kept in retried_transid so a
 -- late report for it changes nothing) if its campaign is not finished, will not have
 -- expired by then, and its service's max_attempts allows; the second failure is final.
--- A failure whose code is in $10 suppresses the number for $11 days (0: for ever), never
+-- A failure whose code is in $11 suppresses the number for $12 days (0: for ever), never
 -- replacing an operator's or a STOP's suppression.
--- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] (the code table,
--- 'queued' = interim) $5 status for any other code $6 retry codes[] $7 retry_after_s
--- $8 services[] $9 their max_attempts[] ('*': any other service) $10 suppress codes[]
--- $11 suppress_days
+-- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] $5 meanings[] (the
+-- code table, 'queued' = interim) $6 status for any other code $7 retry codes[]
+-- $8 retry_after_s $9 services[] $10 their max_attempts[] ('*': any other service)
+-- $11 suppress codes[] $12 suppress_days
 WITH codes AS (
-    SELECT * FROM unnest($3::text[], $4::text[]) AS t(code, status)
+    SELECT * FROM unnest($3::text[], $4::text[], $5::text[]) AS t(code, status, meaning)
 ),
 picked AS (
     SELECT d.id, d.transid, d.correlation_id, d.code, d.delivery_status, d.description,
@@ -39,7 +39,9 @@ picked AS (
        FOR UPDATE SKIP LOCKED
 ),
 rated AS (
-    SELECT p.*, coalesce(c.status, $5::text) AS status
+    SELECT p.*, coalesce(c.status, $6::text) AS status,
+           CASE WHEN p.code IS NOT NULL THEN coalesce(c.meaning, 'undocumented code') END
+               AS meaning
       FROM picked p
       LEFT JOIN codes c ON c.code = p.code
 ),
@@ -92,7 +94,7 @@ usable AS (
            OR coalesce(m.transid = l.retried_transid, false)
                AS superseded,
            -- A transient failure of a recipient not final yet, not retried before.
-           coalesce(m.status = 'failed' AND m.code = ANY($6::text[]) AND l.report_retries = 0
+           coalesce(m.status = 'failed' AND m.code = ANY($7::text[]) AND l.report_retries = 0
             AND l.status IN ('queued', 'unknown')
             AND EXISTS (
                 SELECT 1
@@ -100,12 +102,12 @@ usable AS (
                  WHERE c.id = l.campaign_id
                    AND c.status IN ('running', 'ready', 'paused')
                    AND (c.expires_at IS NULL
-                        OR c.expires_at > now() + make_interval(secs => $7::float8))
+                        OR c.expires_at > now() + make_interval(secs => $8::float8))
                    AND l.attempts < coalesce(
-                       (SELECT s.max_attempts FROM unnest($8::text[], $9::int[])
+                       (SELECT s.max_attempts FROM unnest($9::text[], $10::int[])
                                                    AS s(service, max_attempts)
                          WHERE s.service = c.service),
-                       (SELECT s.max_attempts FROM unnest($8::text[], $9::int[])
+                       (SELECT s.max_attempts FROM unnest($9::text[], $10::int[])
                                                    AS s(service, max_attempts)
                          WHERE s.service = '*'))), false)
                AS retry
@@ -132,10 +134,11 @@ applied AS (
                                   ELSE r.retried_transid END,
            report_retries = r.report_retries + b.retry::int,
            next_attempt_at = CASE WHEN b.retry
-                                  THEN now() + make_interval(secs => $7::float8)
+                                  THEN now() + make_interval(secs => $8::float8)
                                   ELSE r.next_attempt_at END,
            sent_at        = CASE WHEN NOT b.retry THEN coalesce(r.sent_at, now()) END,
            dr_code        = CASE WHEN NOT b.retry THEN b.code END,
+           dr_meaning     = CASE WHEN NOT b.retry THEN b.meaning END,
            dr_status      = CASE WHEN NOT b.retry THEN b.delivery_status END,
            dr_description = CASE WHEN NOT b.retry THEN b.description END,
            dr_at          = CASE WHEN NOT b.retry THEN b.reported_at END,
@@ -175,9 +178,9 @@ applied AS (
 learnt AS (
     INSERT INTO campaign.suppressions (msisdn, reason, expires_at)
     SELECT DISTINCT ON (a.msisdn_e164) a.msisdn_e164, 'dr:' || a.dr_code,
-           CASE WHEN $11::int > 0 THEN now() + make_interval(days => $11::int) END
+           CASE WHEN $12::int > 0 THEN now() + make_interval(days => $12::int) END
       FROM applied a
-     WHERE a.status = 'failed' AND a.dr_code = ANY($10::text[])
+     WHERE a.status = 'failed' AND a.dr_code = ANY($11::text[])
        AND a.msisdn_e164 ~ '^\+[1-9][0-9]{6,14}$'
      ORDER BY a.msisdn_e164
         ON CONFLICT (msisdn) DO UPDATE

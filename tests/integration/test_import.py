@@ -112,3 +112,35 @@ async def test_non_utf8_file_is_a_clear_error(conn: asyncpg.Connection, tmp_path
     path.write_bytes("msisdn,name\n1,Jos\xe9\n".encode("latin-1"))
     with pytest.raises(importer.ImportFileError, match="not UTF-8"):
         await importer.import_csv(conn, cid, path)
+
+
+async def test_the_copy_plans_its_foreign_key_checks_once(
+    conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # Our sessions plan every statement afresh (db.SERVER_SETTINGS); inside the COPY that
+    # would plan each row's foreign key check again (twice as slow for a million rows).
+    await conn.execute("SET plan_cache_mode = force_custom_plan")
+    await conn.execute("CREATE TABLE public.copy_settings (mode text)")
+    await conn.execute(
+        """
+        CREATE FUNCTION public.record_plan_mode() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO public.copy_settings VALUES (current_setting('plan_cache_mode'));
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER record_plan_mode AFTER INSERT ON campaign.recipients
+            FOR EACH STATEMENT EXECUTE FUNCTION public.record_plan_mode();
+        """
+    )
+    try:
+        cid = await _campaign(conn)
+        path = _write_csv(tmp_path / "r.csv", [["msisdn"], ["+447700900123"]])
+        assert (await importer.import_csv(conn, cid, path)).rows == 1
+        assert await conn.fetchval("SELECT array_agg(mode) FROM public.copy_settings") == ["auto"]
+        # Only for the COPY: the session keeps its own setting.
+        assert await conn.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    finally:
+        await conn.execute(
+            "DROP TRIGGER record_plan_mode ON campaign.recipients;"
+            "DROP FUNCTION public.record_plan_mode(); DROP TABLE public.copy_settings"
+        )

@@ -10,7 +10,8 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from campaign import db
+from campaign import codes, db
+from campaign.codes import REPORT_CODES
 from campaign.config import ReconcilerSettings
 from campaign.reconciler import Reconciler, ReconcileResult
 from tests.helpers.webhooks import dr, minutes, seed_campaign, store_reports
@@ -48,6 +49,25 @@ async def test_report_matched_by_transid_sets_status_and_keeps_dr_fields(
     assert row["dr_description"] == "Delivered"
     assert row["dr_at"] == minutes(1)
     assert await report_states(conn) == [("matched", r["id"])]
+
+
+# 7206 (SIM full) is a retry code by default ([policy] retry_codes): the recipient is sent
+# once more and keeps no dr_* of the given-up attempt (tests/integration/test_learning.py);
+# 7201 stands for a final failure here.
+@pytest.mark.parametrize("code", ["7500", "7101", "7201", "7501", "7999"])
+async def test_a_matched_report_stores_the_meaning_of_its_code(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, code: str
+) -> None:
+    _, (r,) = await seed_campaign(conn, ["queued"])
+    await store_reports(conn, [dr(r["transid"], code, at=minutes(1))])
+
+    await make_reconciler(pool).run_once()
+
+    row = await recipient(conn, r["id"])
+    assert row["dr_code"] == code
+    # The one table of codes (campaign/codes.py) that status, docs and the dashboard use.
+    assert row["dr_meaning"] == codes.meaning(code)
+    assert row["dr_meaning"] == ("undocumented code" if code == "7999" else REPORT_CODES[code])
 
 
 # (code, minutes) in arrival order -> expected (status, dr_code).

@@ -69,5 +69,12 @@ async def test_a_statement_stuck_on_a_lock_shows_the_session_holding_it(
     activity = line["activity"]
     assert isinstance(activity, list)
     assert any(a["state"] == "idle in transaction" for a in activity), activity
+    # The snapshot is taken while the statement still waits, before it is cancelled: its
+    # own session is in it, waiting for the lock.
+    (own,) = [a for a in activity if a["pid"] == line["backend_pid"]]
+    assert own["state"] == "active" and own["wait_event_type"] == "Lock", own
+    assert own["waiting_for_locks"], own
+    # How late the event loop noticed the timeout: near 0 unless the process was starved.
+    assert isinstance(line["loop_late_s"], float)
     # Once the lock is gone the report is matched as usual.
     assert (await reconciler.run_once()).reports_matched == 1

@@ -1,0 +1,11 @@
+-- 0004: the meaning of a delivery report's code, stored next to it.
+--
+-- Every code that is not delivered or expired makes a recipient `failed`; dr_meaning says
+-- which failure it was (invalid sender id, unknown subscriber, SIM full ...) in the words of
+-- the one code table (campaign/codes.py, listed in docs/webhooks.md), so an application or
+-- an operator reading campaign.recipients needs no lookup. The reconciler writes it with
+-- dr_code; a code the table does not know reads 'undocumented code'.
+--
+-- Rows matched before this migration keep dr_meaning NULL (no rewrite of a large table at
+-- upgrade time); `campaign status` explains their codes from the same table.
+ALTER TABLE campaign.recipients ADD COLUMN dr_meaning text;
