@@ -363,6 +363,10 @@ def write_config(path: Path, *, base_url: str, webhooks_port: int) -> Path:
         "[logging]",
         'format = "json"',
         'level = "info"',
+        # The event outbox on (the default) or off: CAMPAIGN_BENCH_EVENTS=off measures the
+        # cost of the triggers (docs/performance.md).
+        "[events]",
+        f"enabled = {'false' if os.environ.get('CAMPAIGN_BENCH_EVENTS') == 'off' else 'true'}",
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

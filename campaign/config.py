@@ -28,6 +28,10 @@ OnTimeout = Literal["resolve", "resend", "fail"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
+# The kinds of rows in campaign.events (sql/migrations/0004_events.sql holds the same list
+# in its CHECK; tests/integration/test_events.py compares them).
+EVENT_KINDS = ("recipient_final", "campaign_status", "opt_out", "opt_in", "reply")
+
 
 class ConfigError(Exception):
     """A configuration problem, worded as one line for the operator."""
@@ -84,7 +88,8 @@ class ProducerSettings:
 @dataclass(frozen=True, slots=True)
 class PolicySettings:
     """Sending rules across campaigns: the frequency cap (0 = off), the canary's wait and
-    the failure brake's window."""
+    the failure brake's window, and what delivery reports teach (codes:
+    docs/webhooks.md#learning-from-reports)."""
 
     max_per_msisdn: int = 0
     cap_window_h: float = 24.0
@@ -92,6 +97,13 @@ class PolicySettings:
     # it has, and how many of a campaign's latest final reports the failure brake weighs.
     canary_wait_s: float = 600.0
     failure_window: int = 1000
+    # The number does not exist: suppressed for suppress_days (reason dr:<code>).
+    suppress_codes: tuple[str, ...] = ("7102", "7203")
+    suppress_days: int = 90
+    # The phone could not take it now (internal error, SIM full, out of coverage): the
+    # recipient is sent once more after retry_after_s.
+    retry_codes: tuple[str, ...] = ("7006", "7206", "7207")
+    retry_after_s: float = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +149,26 @@ class ReconcilerSettings:
 class OptOutSettings:
     stop_keywords: tuple[str, ...] = ("STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT")
     start_keywords: tuple[str, ...] = ("START", "UNSTOP")
+    # An incoming message answers the most recent recipient sent to its number this long ago
+    # at most (its campaign is the one a STOP opts out of).
+    reply_window_h: float = 72.0
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """The outbox (campaign.events) and its forwarder to the application's URL."""
+
+    # Written to campaign.event_settings by the worker at start; the triggers read it.
+    enabled: bool = True
+    kinds: tuple[str, ...] = EVENT_KINDS
+    # Empty: no forwarder. Events are POSTed as JSON arrays in id order, at least once.
+    forward_url: str = ""
+    forward_secret: str = field(default="", metadata={"secret": True})
+    forward_batch: int = 500
+    forward_timeout_s: float = 5.0
+    # Another worker takes over the forwarder this long after its holder stopped renewing.
+    forward_lease_s: float = 10.0
+    forward_backoff_max_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +198,7 @@ class RetentionSettings:
     batches_days: int = 90
     incoming_days: int = 90
     rejects_days: int = 30
+    events_days: int = 7
     batch_size: int = 10_000
 
 
@@ -190,6 +223,7 @@ class Settings:
     retention: RetentionSettings = RetentionSettings()
     ops: OpsSettings = OpsSettings()
     pricing: PricingSettings = PricingSettings()
+    events: EventSettings = EventSettings()
     source: str = "<defaults>"
 
     @property
@@ -199,7 +233,12 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log redaction."""
-        values = [self.webhooks.token, self.webhooks.hmac_secret, self.ops.token]
+        values = [
+            self.webhooks.token,
+            self.webhooks.hmac_secret,
+            self.ops.token,
+            self.events.forward_secret,
+        ]
         values += [s.key for s in self.services.values()]
         values += dsn_passwords(self.database_dsn)
         return [v for v in values if v]
@@ -302,6 +341,12 @@ _POSITIVE = {
     "canary_wait_s",
     "failure_window",
     "cap_window_h",
+    "reply_window_h",
+    "forward_batch",
+    "forward_timeout_s",
+    "forward_lease_s",
+    "forward_backoff_max_s",
+    "retry_after_s",
 }
 
 
@@ -445,6 +490,21 @@ def _build(cls: type[Any], table: Mapping[str, Any], source: str, where: str) ->
         _check_send_window(kwargs["send_window"], source, where)
     if cls is OpsSettings and "listen" in kwargs:
         check_listen(kwargs["listen"], source, where)
+    if cls is EventSettings:
+        _check_events(kwargs, source, where)
+    if cls is PolicySettings:
+        for key in ("suppress_codes", "retry_codes"):
+            bad = [c for c in kwargs.get(key, ()) if not re.fullmatch(r"[0-9]{4}", c)]
+            if bad:
+                raise ConfigError(f"{source}: {where} {key}: {bad[0]!r} is not a 4-digit code")
+        policy = PolicySettings()
+        both = set(kwargs.get("suppress_codes", policy.suppress_codes)) & set(
+            kwargs.get("retry_codes", policy.retry_codes)
+        )
+        if both:
+            raise ConfigError(
+                f"{source}: {where} retry_codes: {sorted(both)[0]} is also in suppress_codes"
+            )
     if cls is DatabaseSettings and kwargs.get("pool_min", 2) > kwargs.get("pool_max", 10):
         raise ConfigError(f"{source}: {where} pool_min: must not exceed pool_max")
     for key in ("max_per_msisdn", "smartlink_length"):
@@ -462,6 +522,29 @@ def check_listen(listen: str, source: str, where: str) -> None:
     if not sep or not host or not port.isdecimal() or int(port) > 65535:
         place = f"{source}: {where} listen" if where else source
         raise ConfigError(f"{place}: {listen!r} is not HOST:PORT (like '127.0.0.1:9100')")
+
+
+def _check_events(kwargs: Mapping[str, Any], source: str, where: str) -> None:
+    unknown = [k for k in kwargs.get("kinds", ()) if k not in EVENT_KINDS]
+    if unknown:
+        raise ConfigError(
+            f"{source}: {where} kinds: {unknown[0]!r} is not one of {', '.join(EVENT_KINDS)}"
+        )
+    url = kwargs.get("forward_url", "")
+    if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"{source}: {where} forward_url: must be an http:// or https:// URL")
+    defaults = EventSettings()
+    timeout_s = kwargs.get("forward_timeout_s", defaults.forward_timeout_s)
+    if kwargs.get("forward_lease_s", defaults.forward_lease_s) <= timeout_s:
+        raise ConfigError(
+            f"{source}: {where} forward_lease_s: must be longer than forward_timeout_s "
+            f"({timeout_s:g} s), or a slow POST loses the lease to another worker"
+        )
+    if url and not kwargs.get("forward_secret"):
+        raise ConfigError(
+            f"{source}: {where} forward_secret: missing (the receiver verifies each body's "
+            "HMAC-SHA256 with it)"
+        )
 
 
 def _check_timezone(name: str, source: str, where: str, key: str) -> None:

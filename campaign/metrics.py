@@ -109,6 +109,27 @@ CAMPAIGNS_AUTO_PAUSED = Counter(
     ["by"],
     registry=REGISTRY,
 )
+EVENTS_FORWARDED = Counter(
+    "campaign_events_forwarded_total",
+    "Events POSTed to [events] forward_url and answered 2xx.",
+    registry=REGISTRY,
+)
+EVENTS_FORWARD_FAILURES = Counter(
+    "campaign_events_forward_failures_total",
+    "POSTs to [events] forward_url that failed (not 2xx, timeout, connection).",
+    registry=REGISTRY,
+)
+EVENTS_FORWARD_SECONDS = Histogram(
+    "campaign_events_forward_duration_seconds",
+    "Time of one successful POST of events to [events] forward_url.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+EVENTS_BACKLOG = Gauge(
+    "campaign_events_forward_backlog",
+    "Events written and not yet forwarded (by id; set by the worker holding the lease).",
+    registry=REGISTRY,
+)
 
 
 def count_final(counts: dict[str, int]) -> None:

@@ -19,7 +19,7 @@ import structlog
 
 from campaign import codes, db, metrics, reports, statuses
 from campaign.aio import sleep_or_stop
-from campaign.config import ReconcilerSettings
+from campaign.config import PolicySettings, ReconcilerSettings, ServiceSettings
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +86,9 @@ class ReconcileResult:
     reports_orphaned: int = 0
     recipients_timed_out: int = 0
     campaigns_completed: int = 0
+    # Learnt from reports ([policy]): transient failures sent once more, numbers suppressed.
+    recipients_retried: int = 0
+    suppressions_added: int = 0
     # The match step took a full batch: more reports may be waiting, run again at once.
     full: bool = False
 
@@ -101,15 +104,28 @@ class ReconcileResult:
             or self.reports_orphaned
             or self.recipients_timed_out
             or self.campaigns_completed
+            or self.suppressions_added
         )
 
 
 class Reconciler:
     def __init__(
-        self, *, pool: db.Pool, settings: ReconcilerSettings, queries: Mapping[str, str]
+        self,
+        *,
+        pool: db.Pool,
+        settings: ReconcilerSettings,
+        queries: Mapping[str, str],
+        policy: PolicySettings | None = None,
+        max_attempts: Mapping[str, int] | None = None,
     ) -> None:
         self._pool = pool
         self._settings = settings
+        self._policy = policy or PolicySettings()
+        # Each service's max_attempts, and '*' for a campaign of a service this process
+        # has no config for (a retry must not outlive the attempts the sender allows).
+        attempts = dict(max_attempts or {}) | {"*": ServiceSettings().max_attempts}
+        self._services = list(attempts)
+        self._max_attempts = list(attempts.values())
         self._queries = db.require(queries, QUERIES)
         # Every documented report code, with the status it leads to and its meaning.
         self._codes = sorted(set(reports.CODE_STATUS) | set(codes.REPORT_CODES))
@@ -171,6 +187,8 @@ class Reconciler:
             reports_examined=examined,
             reports_matched=sum(int(m["matched"]) for m in matches),
             recipients_updated=sum(int(m["updated"]) for m in matches),
+            recipients_retried=sum(int(m["retried"]) for m in matches),
+            suppressions_added=sum(int(m["suppressed"]) for m in matches),
             reports_orphaned=len(orphans),
             recipients_timed_out=sum(int(r["recipients"]) for r in timed_out),
             campaigns_completed=len(completed),
@@ -186,6 +204,8 @@ class Reconciler:
                 reports_orphaned=result.reports_orphaned,
                 recipients_timed_out=result.recipients_timed_out,
                 campaigns_completed=result.campaigns_completed,
+                recipients_retried=result.recipients_retried,
+                suppressions_added=result.suppressions_added,
                 duration_ms=round((time.monotonic() - started) * 1000),
             )
         return result
@@ -213,6 +233,12 @@ class Reconciler:
                         self._statuses,
                         self._meanings,
                         reports.OTHER_CODE_STATUS,
+                        list(self._policy.retry_codes),
+                        self._policy.retry_after_s,
+                        self._services,
+                        self._max_attempts,
+                        list(self._policy.suppress_codes),
+                        self._policy.suppress_days,
                     ),
                 )
         finally:

@@ -13,6 +13,7 @@ so a new status or move is added here first.
        +--producer-- (outside its sending window: waits for the opening, or expired)
        +--sender / recovery-- (retry, a batch given back)
     pending --producer--> cancelled / expired (sweeps of cancelled and expired campaigns)
+    queued / unknown --reconciler--> pending (a transient failure report, sent once more)
 """
 
 from __future__ import annotations
@@ -133,11 +134,13 @@ TRANSITIONS: Final[tuple[Move, ...]] = (
     # Found by correlation id alone it settles only a row some request may have carried
     # (`unknown`, or attempts > 0: a `pending` row never posted is not a source), and a
     # report of a superseded attempt (another transid than the row's) moves nothing.
+    # A transient failure ([policy] retry_codes) of a row not final yet sends it once
+    # more: back to `pending`, never from a final status.
     _move(
         "reconciler",
         "reconcile_match_reports",
         _NOT_SENDING,
-        {"queued", "delivered", "failed", "expired"},
+        {"queued", "delivered", "failed", "expired", "pending"},
     ),
     _move("reconciler", "reconcile_report_timeout", {"queued"}, {"failed"}),
 )

@@ -483,6 +483,7 @@ class WebhookServer:
                         action,
                         dict(message.raw),
                         msisdn,
+                        self._optout.reply_window_h,
                     )
                     outcomes.append((message, action, row))
         stored = sum(1 for _, _, row in outcomes if row is not None)
@@ -496,23 +497,25 @@ class WebhookServer:
                 tid=message.tid,
                 action=action,
                 duplicate=row is None,
+                campaign_id=row["campaign_id"] if row else None,
+                recipient_id=row["recipient_id"] if row else None,
                 suppressions_added=row["suppressions_added"] if row else 0,
                 suppressions_removed=row["suppressions_removed"] if row else 0,
             )
         return web.json_response({"status": "ok", "messages": len(messages)})
 
     def _optout_of(self, message: IncomingMessage) -> tuple[str | None, str | None]:
+        """The opt-out action of `message` (or None) and its sender in E.164 (or None);
+        the number links any message to the recipient it answers."""
         action = reports.optout_action(
             message.message,
             stop_keywords=self._optout.stop_keywords,
             start_keywords=self._optout.start_keywords,
         )
-        if action is None:
-            return None, None
         msisdn = reports.normalise_oa(
             message.oa, default_region=self._regions.region_for(message.da)
         )
-        if msisdn is None:
+        if action is not None and msisdn is None:
             log.warning("optout_ignored", tid=message.tid, action=action, reason="oa_not_a_number")
             return None, None
         return action, msisdn

@@ -1,7 +1,8 @@
 """The worker: composition and lifecycle of every role.
 
 Producer, senders (one group per service), crash recovery, the webhook receiver, the
-reconciler and the stats line run in one TaskGroup, so a task dying stops the worker
+reconciler, the event forwarder (when [events] forward_url is set; one per fleet, by a
+lease) and the stats line run in one TaskGroup, so a task dying stops the worker
 loudly with a non-zero exit. Each role can be switched off (`Roles`) to run them apart.
 Stopping (SIGTERM / SIGINT, or drain mode running out of work) stops claiming at once,
 lets requests in flight finish within `shutdown_grace_s`, writes their results, gives the
@@ -28,6 +29,7 @@ from campaign import config, db, metrics, ops
 from campaign.aio import sleep_or_stop
 from campaign.batch import Lane
 from campaign.fleet import Fleet
+from campaign.forwarder import Forwarder, write_event_settings
 from campaign.producer import Producer
 from campaign.reconciler import Reconciler
 from campaign.recovery import Recovery
@@ -83,6 +85,7 @@ class Worker:
         self.lanes: dict[str, Lane] = {}
         self.senders: list[Sender] = []
         self.webhooks: WebhookServer | None = None
+        self.forwarder: Forwarder | None = None
 
     @property
     def stopping(self) -> bool:
@@ -175,6 +178,8 @@ class Worker:
             roles=[name for name, on in dataclasses.asdict(self._roles).items() if on],
             drain=self._drain,
         )
+        # The triggers that write campaign.events read this; written before any role runs.
+        await write_event_settings(pool, queries, settings.events, self.worker_id)
         if self._roles.webhooks:
             self.webhooks = WebhookServer(
                 pool=pool,
@@ -189,10 +194,22 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 if self._roles.reconciler:
                     reconciler = Reconciler(
-                        pool=pool, settings=settings.reconciler, queries=queries
+                        pool=pool,
+                        settings=settings.reconciler,
+                        queries=queries,
+                        policy=settings.policy,
+                        max_attempts={n: s.max_attempts for n, s in settings.services.items()},
                     )
                     tg.create_task(reconciler.run(self._stop), name="reconciler")
                     self._role_started("reconciler")
+                if settings.events.forward_url:
+                    self.forwarder = Forwarder(
+                        pool=pool,
+                        queries=queries,
+                        settings=settings.events,
+                        worker_id=self.worker_id,
+                    )
+                    tg.create_task(self.forwarder.run(self._stop), name="forwarder")
                 tg.create_task(self._report_stats(pool, queries), name="stats")
                 if self._roles.sender:
                     await self._send(pool, queries)
@@ -300,6 +317,11 @@ class Worker:
                 assert row is not None
                 lag_s, waiting = round(row["lag_s"], 3), row["waiting"]
                 metrics.REPORT_LAG_SECONDS.set(lag_s)
+            if self.forwarder is not None and self.forwarder.holding:
+                try:
+                    metrics.EVENTS_BACKLOG.set(await self.forwarder.backlog())
+                except db.UNAVAILABLE_ERRORS as exc:
+                    log.warning("stats_query_failed", error=str(exc), error_type=type(exc).__name__)
             for name, lane in self.lanes.items():
                 metrics.QUEUE_DEPTH.labels(name).set(lane.queue.qsize())
                 metrics.EFFECTIVE_RATE.labels(name).set(lane.limiter.effective_rate_per_s)

@@ -54,6 +54,7 @@ QUERIES = (
     "demo_campaign_status",
     "demo_delivery_stats",
     "demo_guard_rails",
+    "demo_learning",
     "demo_delete_earlier",
     "demo_vacuum",
     "demo_limit_wal",
@@ -241,6 +242,8 @@ def _settings(base: config.Settings, *, sim_url: str, port: int, rate: float) ->
         ),
         reconciler=dataclasses.replace(base.reconciler, interval_s=0.2),
         worker=dataclasses.replace(base.worker, worker_id="demo-worker", stats_interval_s=10.0),
+        # SIM full (7206) is in the demo's report mix: sent once more within the demo.
+        policy=dataclasses.replace(base.policy, retry_after_s=2.0),
     )
 
 
@@ -407,6 +410,8 @@ async def _follow(
     assert stats is not None
     counts = await _counts(conn, campaign_id)
     accepted = sum(counts.get(s, 0) for s in ACCEPTED)
+    learning = await conn.fetchrow(_queries()["demo_learning"], campaign_id)
+    assert learning is not None
     send_window_s = (
         (stats["last_sent"] - stats["first_sent"]).total_seconds() if stats["first_sent"] else 0.0
     )
@@ -422,6 +427,9 @@ async def _follow(
         "send_rate_per_s": accepted / send_window_s if send_window_s > 0 else None,
         "reports_s": reports_s,
         "lag": list(stats["lag"] or []),
+        "retried": int(learning["retried"]),
+        "suppressed_by_reports": int(learning["suppressed"]),
+        "events": dict(learning["events"]),
     }
 
 
@@ -474,6 +482,14 @@ def _print_summary(
         out.write(
             f"  report lag            p50 {lag[0]:.2f} s  p95 {lag[1]:.2f} s  p99 {lag[2]:.2f} s\n"
         )
+    out.write(
+        f"  learnt from reports   {summary['retried']:,} sent once more (transient failure), "
+        f"{summary['suppressed_by_reports']:,} numbers suppressed (do not exist)\n"
+    )
+    events = summary["events"]
+    if events:
+        kinds = ", ".join(f"{kind} {n:,}" for kind, n in sorted(events.items()))
+        out.write(f"  events (outbox)       {sum(events.values()):,}: {kinds}\n")
     destinations = sim_stats.get("destinations", {})
     reports = sim_stats.get("reports", {})
     out.write(

@@ -2,7 +2,8 @@
 
 Deletes, by age and per the `[retention]` settings, finished campaigns with their recipients
 and batches, matched and orphaned delivery reports, finished batches, incoming messages,
-webhook rejects and long-dead workers. Every statement deletes at most `batch_size` rows
+webhook rejects, events (those a configured forwarder has not delivered are kept)
+and long-dead workers. Every statement deletes at most `batch_size` rows
 in its own transaction and skips locked rows, so it runs safely next to the workers.
 A campaign's every chunk checks again that it is still finished and old enough (and
 deletes only final recipients and finished batches), so a reopen or a claim that comes
@@ -30,6 +31,7 @@ QUERIES = (
     "prune_batches",
     "prune_incoming_messages",
     "prune_webhook_rejects",
+    "prune_events",
     "prune_dead_workers",
 )
 # A worker silent this long is gone for good; its row only clutters the fleet table.
@@ -45,8 +47,11 @@ class Pruner:
         pool: db.Pool,
         queries: Mapping[str, str],
         settings: config.RetentionSettings,
+        keep_unforwarded: bool = False,
     ) -> None:
         self._pool = pool
+        # A forwarder is configured: events it has not delivered are kept.
+        self._keep_unforwarded = keep_unforwarded
         self._queries = db.require(queries, QUERIES)
         self._settings = settings
         # Statements run, for the log line (and to show the work was chunked).
@@ -62,6 +67,7 @@ class Pruner:
             "delivery_reports": 0,
             "incoming_messages": 0,
             "webhook_rejects": 0,
+            "events": 0,
             "workers": 0,
         }
         if s.campaigns_days:
@@ -77,6 +83,10 @@ class Pruner:
         ):
             if days:
                 deleted[table] += await self._chunks(query, days)
+        if s.events_days:
+            deleted["events"] += await self._chunks(
+                "prune_events", s.events_days, self._keep_unforwarded
+            )
         deleted["workers"] = await self._execute("prune_dead_workers", DEAD_WORKER_AFTER_S)
         return deleted
 
@@ -135,7 +145,12 @@ async def cmd_prune(args: argparse.Namespace, settings: config.Settings) -> int:
         )
         try:
             started = time.monotonic()
-            pruner = Pruner(pool=pool, queries=queries, settings=settings.retention)
+            pruner = Pruner(
+                pool=pool,
+                queries=queries,
+                settings=settings.retention,
+                keep_unforwarded=bool(settings.events.forward_url),
+            )
             deleted = await pruner.run()
         finally:
             await pool.close()

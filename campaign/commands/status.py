@@ -1,4 +1,5 @@
-"""`campaign status`: counts per status, why recipients failed, rate, ETA, report lag.
+"""`campaign status`: counts per status, why recipients failed, rate, ETA, report lag,
+replies and opt-outs (with the opt-out rate: of the recipients the API accepted).
 
 The rate and the ETA follow the campaign's state: a running campaign shows the rate of
 the last minute and an ETA; a paused one neither; a finished one its average rate over
@@ -19,7 +20,7 @@ from typing import Any
 import orjson
 
 from campaign import codes, config, db, fleet
-from campaign.statuses import RECIPIENT_STATUSES, UNSENT
+from campaign.statuses import ACCEPTED, RECIPIENT_STATUSES, UNSENT
 
 STATUSES = RECIPIENT_STATUSES
 QUERIES = (
@@ -29,6 +30,7 @@ QUERIES = (
     "status_live_senders",
     "status_send_window",
     "status_window_waiting",
+    "status_replies",
 )
 # Statuses whose reasons are worth listing, and how many reasons are shown.
 EXPLAINED = ("invalid", "failed", "rejected", "expired", "capped")
@@ -75,6 +77,11 @@ class CampaignStatus:
     canary_size: int | None = None
     max_failure_ratio: float | None = None
     paused_reason: str | None = None
+    # Incoming messages linked to this campaign, the STOPs among them, and the STOPs as a
+    # share of the recipients the API accepted (None before any was).
+    replies: int = 0
+    opt_outs: int = 0
+    opt_out_rate: float | None = None
 
 
 async def collect(
@@ -126,6 +133,9 @@ async def _one(conn: db.Connection, queries: Mapping[str, str], row: Any) -> Cam
         warnings.append(
             f"{counts['invalid'] / total:.0%} of the recipients are invalid: see the reasons"
         )
+    replies = await conn.fetchrow(queries["status_replies"], row["id"])
+    assert replies is not None
+    accepted = sum(counts[s] for s in ACCEPTED)
     oldest: dt.datetime | None = activity["oldest_pending"]
     waiting = await conn.fetchrow(queries["status_window_waiting"], row["id"])
     assert waiting is not None
@@ -157,6 +167,9 @@ async def _one(conn: db.Connection, queries: Mapping[str, str], row: Any) -> Cam
         canary_size=row["canary_size"],
         max_failure_ratio=_round(row["max_failure_ratio"]),
         paused_reason=row["paused_reason"],
+        replies=replies["replies"],
+        opt_outs=replies["opt_outs"],
+        opt_out_rate=round(replies["opt_outs"] / accepted, 4) if accepted else None,
     )
 
 
@@ -230,6 +243,9 @@ def render(campaigns: Sequence[CampaignStatus]) -> str:
         guards = _guard_rails(c)
         if guards:
             lines.append("  " + "  ".join(guards))
+        if c.replies:
+            rate = f" ({c.opt_out_rate:.2%} of accepted)" if c.opt_out_rate is not None else ""
+            lines.append(f"  replies {c.replies:,}  opt-outs {c.opt_outs:,}{rate}")
         lines.append("")
     return "\n".join(lines)
 

@@ -95,3 +95,17 @@ ALTER SYSTEM SET max_wal_size = '128MB';
 
 -- name: demo_reload_config
 SELECT pg_reload_conf();
+
+-- name: demo_learning
+-- What the campaign's reports taught and the events it wrote, for the summary: recipients
+-- sent once more after a transient failure, numbers suppressed by a report, events per kind.
+-- $1 campaign id
+SELECT (SELECT count(*) FROM campaign.recipients
+         WHERE campaign_id = $1 AND report_retries > 0) AS retried,
+       (SELECT count(*) FROM campaign.suppressions s
+         WHERE s.reason LIKE 'dr:%'
+           AND s.msisdn IN (SELECT r.msisdn_e164 FROM campaign.recipients r
+                             WHERE r.campaign_id = $1 AND r.status = 'failed')) AS suppressed,
+       coalesce((SELECT jsonb_object_agg(e.kind, e.n)
+                   FROM (SELECT kind, count(*) AS n FROM campaign.events
+                          WHERE campaign_id = $1 GROUP BY kind) e), '{}'::jsonb) AS events;

@@ -99,9 +99,12 @@ UPDATE campaign.recipients r
 RETURNING r.id, r.batch_id, r.msisdn, r.msisdn_e164, r.variables, r.correlation_id, r.attempts;
 
 -- name: producer_suppressed_numbers
--- Which of these E.164 numbers (with '+') are opted out.
+-- Which of these E.164 numbers (with '+') are opted out. A suppression learnt from a
+-- delivery report expires (expires_at); an operator's or a STOP's never does (NULL).
 -- $1 numbers (text[])
-SELECT msisdn FROM campaign.suppressions WHERE msisdn = ANY($1::text[]);
+SELECT msisdn
+  FROM campaign.suppressions
+ WHERE msisdn = ANY($1::text[]) AND (expires_at IS NULL OR expires_at > now());
 
 -- name: producer_lock_campaign_numbers
 -- Serialise the duplicate decisions of one campaign across workers, to the end of the

@@ -129,6 +129,22 @@ DELETE FROM campaign.webhook_rejects w
         LIMIT $2
           FOR UPDATE SKIP LOCKED);
 
+-- name: prune_events
+-- Delete up to $3 events older than $1 days, oldest first (ids grow with created_at, so
+-- the primary key's first pages are the old rows). While a forwarder is configured ($2),
+-- an event it has not delivered yet is kept, whatever its age.
+-- $1 days, $2 keep events past the forwarder's position (boolean), $3 limit
+DELETE FROM campaign.events e
+ WHERE e.id IN (
+       SELECT x.id
+         FROM campaign.events x
+        WHERE x.created_at < now() - make_interval(days => $1)
+          AND (NOT $2::boolean
+               OR x.id <= (SELECT f.position FROM campaign.event_forwarder f))
+        ORDER BY x.id
+        LIMIT $3
+          FOR UPDATE SKIP LOCKED);
+
 -- name: prune_dead_workers
 -- Forget workers whose last heartbeat is more than $1 seconds old (long dead; a live
 -- worker whose row is gone registers again at its next heartbeat).

@@ -15,8 +15,17 @@
 -- report without one comes before every report with one, and among reports without one
 -- the later arrival (the higher id) wins. A report of a superseded attempt (its transid
 -- is not the recipient's) is linked to the recipient and changes nothing.
+-- Learning ([policy], docs/webhooks.md#learning-from-delivery-reports): a failure whose
+-- code is in $7 sends a recipient that is not final yet once more (back to pending after
+-- $8 seconds, a new transid to come; the given-up transid is kept in retried_transid so a
+-- late report for it changes nothing) if its campaign is not finished, will not have
+-- expired by then, and its service's max_attempts allows; the second failure is final.
+-- A failure whose code is in $11 suppresses the number for $12 days (0: for ever), never
+-- replacing an operator's or a STOP's suppression.
 -- $1 last id examined (0 to start) $2 limit $3 codes[] $4 statuses[] $5 meanings[] (the
--- code table, 'queued' = interim) $6 status for any other code
+-- code table, 'queued' = interim) $6 status for any other code $7 retry codes[]
+-- $8 retry_after_s $9 services[] $10 their max_attempts[] ('*': any other service)
+-- $11 suppress codes[] $12 suppress_days
 WITH codes AS (
     SELECT * FROM unnest($3::text[], $4::text[], $5::text[]) AS t(code, status, meaning)
 ),
@@ -66,7 +75,8 @@ matched AS (
 -- Lock the recipients (in id order: no deadlock between two reconcilers) and read their
 -- status and transid as of the lock, not as of the statement's snapshot.
 locked AS (
-    SELECT x.id, x.status, x.transid
+    SELECT x.id, x.status, x.transid, x.retried_transid, x.report_retries, x.attempts,
+           x.campaign_id
       FROM campaign.recipients x
      -- = ANY(ARRAY(...)) rather than IN: primary-key probes, not a hash join over a scan
      -- of every recipient (what the planner picks for IN on a table of any size).
@@ -80,7 +90,27 @@ usable AS (
            -- transid: the report of an attempt that was superseded (in doubt, then sent
            -- again). It says nothing about the current message.
            (m.transid IS NOT NULL AND l.transid IS NOT NULL AND l.transid <> m.transid)
-               AS superseded
+           -- Or the report of an attempt given up for a retry (its transid cleared).
+           OR coalesce(m.transid = l.retried_transid, false)
+               AS superseded,
+           -- A transient failure of a recipient not final yet, not retried before.
+           coalesce(m.status = 'failed' AND m.code = ANY($7::text[]) AND l.report_retries = 0
+            AND l.status IN ('queued', 'unknown')
+            AND EXISTS (
+                SELECT 1
+                  FROM campaign.campaigns c
+                 WHERE c.id = l.campaign_id
+                   AND c.status IN ('running', 'ready', 'paused')
+                   AND (c.expires_at IS NULL
+                        OR c.expires_at > now() + make_interval(secs => $8::float8))
+                   AND l.attempts < coalesce(
+                       (SELECT s.max_attempts FROM unnest($9::text[], $10::int[])
+                                                   AS s(service, max_attempts)
+                         WHERE s.service = c.service),
+                       (SELECT s.max_attempts FROM unnest($9::text[], $10::int[])
+                                                   AS s(service, max_attempts)
+                         WHERE s.service = '*'))), false)
+               AS retry
       FROM matched m
       JOIN locked l ON l.id = m.recipient_id
      WHERE l.status <> 'sending'
@@ -96,19 +126,31 @@ best AS (
 ),
 applied AS (
     UPDATE campaign.recipients r
-       SET status         = b.status,
-           transid        = coalesce(r.transid, b.transid),
-           sent_at        = coalesce(r.sent_at, now()),
-           dr_code        = b.code,
-           dr_meaning     = b.meaning,
-           dr_status      = b.delivery_status,
-           dr_description = b.description,
-           dr_at          = b.reported_at,
-           dr_report_id   = b.id,
+       SET status         = CASE WHEN b.retry THEN 'pending' ELSE b.status END,
+           -- A retry forgets the given-up attempt (its transid, sent_at and report), so
+           -- the next attempt's report applies as a first one; the report stays stored.
+           transid        = CASE WHEN NOT b.retry THEN coalesce(r.transid, b.transid) END,
+           retried_transid = CASE WHEN b.retry THEN coalesce(r.transid, b.transid)
+                                  ELSE r.retried_transid END,
+           report_retries = r.report_retries + b.retry::int,
+           next_attempt_at = CASE WHEN b.retry
+                                  THEN now() + make_interval(secs => $8::float8)
+                                  ELSE r.next_attempt_at END,
+           sent_at        = CASE WHEN NOT b.retry THEN coalesce(r.sent_at, now()) END,
+           dr_code        = CASE WHEN NOT b.retry THEN b.code END,
+           dr_meaning     = CASE WHEN NOT b.retry THEN b.meaning END,
+           dr_status      = CASE WHEN NOT b.retry THEN b.delivery_status END,
+           dr_description = CASE WHEN NOT b.retry THEN b.description END,
+           dr_at          = CASE WHEN NOT b.retry THEN b.reported_at END,
+           dr_report_id   = CASE WHEN NOT b.retry THEN b.id END,
            -- A final report is the truth about the message: a guess such as
-           -- report_timeout, or an in-doubt failure, no longer applies.
-           error_code     = CASE WHEN b.status = 'queued' THEN r.error_code END,
-           error_message  = CASE WHEN b.status = 'queued' THEN r.error_message END,
+           -- report_timeout, or an in-doubt failure, no longer applies. A retry records
+           -- the failure it retries.
+           error_code     = CASE WHEN b.retry THEN b.code
+                                 WHEN b.status = 'queued' THEN r.error_code END,
+           error_message  = CASE WHEN b.retry THEN 'report ' || b.code || ' (' ||
+                                      coalesce(b.description, '') || '): sent once more'
+                                 WHEN b.status = 'queued' THEN r.error_message END,
            updated_at     = now()
       FROM best b
      WHERE r.id = b.recipient_id
@@ -131,7 +173,23 @@ applied AS (
            END
     -- The new status and, for a final report, its delay (accepted -> the report's own
     -- timestamp), for the process's metrics.
-    RETURNING r.id, r.status, extract(epoch FROM r.dr_at - r.sent_at)::float8 AS delay_s
+    RETURNING r.id, r.status, r.dr_code, r.msisdn_e164,
+              extract(epoch FROM r.dr_at - r.sent_at)::float8 AS delay_s
+),
+-- Numbers that do not exist (the failure codes in $11) are not sent to again
+-- for $12 days. One row per number; only a report-learnt suppression is replaced.
+learnt AS (
+    INSERT INTO campaign.suppressions (msisdn, reason, expires_at)
+    SELECT DISTINCT ON (a.msisdn_e164) a.msisdn_e164, 'dr:' || a.dr_code,
+           CASE WHEN $12::int > 0 THEN now() + make_interval(days => $12::int) END
+      FROM applied a
+     WHERE a.status = 'failed' AND a.dr_code = ANY($11::text[])
+       AND a.msisdn_e164 ~ '^\+[1-9][0-9]{6,14}$'
+     ORDER BY a.msisdn_e164
+        ON CONFLICT (msisdn) DO UPDATE
+       SET reason = excluded.reason, expires_at = excluded.expires_at, created_at = now()
+     WHERE campaign.suppressions.reason LIKE 'dr:%'
+    RETURNING msisdn
 ),
 marked AS (
     UPDATE campaign.delivery_reports d
@@ -148,9 +206,12 @@ SELECT (SELECT count(*) FROM picked)  AS examined,
        (SELECT count(*) FROM applied) AS updated,
        (SELECT coalesce(jsonb_object_agg(f.status, f.n), '{}'::jsonb)
           FROM (SELECT status, count(*) AS n FROM applied
-                 WHERE status <> 'queued' GROUP BY status) f) AS finals,
+                 WHERE status NOT IN ('queued', 'pending') GROUP BY status) f) AS finals,
        (SELECT coalesce(array_agg(greatest(delay_s, 0)), '{}'::float8[])
-          FROM applied WHERE status <> 'queued' AND delay_s IS NOT NULL) AS delays_s;
+          FROM applied WHERE status NOT IN ('queued', 'pending') AND delay_s IS NOT NULL)
+           AS delays_s,
+       (SELECT count(*) FROM applied WHERE status = 'pending') AS retried,
+       (SELECT count(*) FROM learnt)  AS suppressed;
 
 -- name: reconcile_orphan_reports
 -- Give up on up to $2 reports that found no recipient within $1 seconds of arriving; each

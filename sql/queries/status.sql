@@ -66,3 +66,14 @@ SELECT count(*) AS waiting, min(next_attempt_at) AS next_opening
   FROM campaign.recipients
  WHERE campaign_id = $1 AND status = 'pending' AND error_code = 'outside_window'
    AND next_attempt_at > now();
+
+-- name: status_replies
+-- Replies linked to one campaign (the receiver links each incoming message to the latest
+-- recipient sent to its number within [optout] reply_window_h) and how many were STOP /
+-- START, through incoming_messages_campaign_idx.
+-- $1 campaign id
+SELECT count(*) AS replies,
+       count(*) FILTER (WHERE action = 'opt_out') AS opt_outs,
+       count(*) FILTER (WHERE action = 'opt_in') AS opt_ins
+  FROM campaign.incoming_messages
+ WHERE campaign_id = $1;

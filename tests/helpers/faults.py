@@ -284,6 +284,22 @@ async def ledger(conn: asyncpg.Connection, sim: Simulator, campaign_id: int) -> 
     duplicated = sum(times - 1 for times in accepted_by_corr.values() if times > 1)
     if duplicated > in_doubt:
         problems.append(f"{duplicated} duplicates but only {in_doubt} destinations in doubt")
+    # The outbox: one recipient_final event per recipient, with its final status (a final
+    # status replaced by another writes one more; under these faults none is).
+    events = {
+        r["recipient_id"]: (r["n"], r["status"])
+        for r in await conn.fetch(
+            "SELECT recipient_id, count(*) AS n, max(status) AS status FROM campaign.events "
+            "WHERE kind = 'recipient_final' AND campaign_id = $1 GROUP BY recipient_id",
+            campaign_id,
+        )
+    }
+    wrong = [r["id"] for r in rows if events.get(r["id"]) != (1, r["status"])]
+    if wrong:
+        problems.append(
+            f"{len(wrong)} recipients without exactly one recipient_final event of their "
+            f"status, e.g. {wrong[0]}: {events.get(wrong[0])}"
+        )
     transids = {t for _, t in issued}
     if len(transids) != stats["destinations"]["accepted"]:
         problems.append(

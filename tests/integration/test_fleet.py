@@ -321,6 +321,9 @@ async def test_prune_deletes_each_table_past_retention_in_chunks(
         "delivery_reports": 7,
         "incoming_messages": 3,
         "webhook_rejects": 2,
+        # The seeded rows' events were written just now (prune of old events:
+        # tests/integration/test_events.py).
+        "events": 0,
         "workers": 1,
     }
     # Chunks of two rows: 10 recipients alone take more than five statements.
@@ -359,7 +362,12 @@ async def test_one_prune_statement_deletes_at_most_its_limit(conn: asyncpg.Conne
 async def test_zero_days_keeps_rows_forever(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
     await _seed_old_and_new(conn)
     keep_all = config.RetentionSettings(
-        campaigns_days=0, reports_days=0, batches_days=0, incoming_days=0, rejects_days=0
+        campaigns_days=0,
+        reports_days=0,
+        batches_days=0,
+        incoming_days=0,
+        rejects_days=0,
+        events_days=0,
     )
     deleted = await Pruner(pool=pool, queries=db.load_queries(), settings=keep_all).run()
     assert deleted["workers"] == 1  # long-dead workers go whatever the settings
@@ -371,6 +379,7 @@ async def test_zero_days_keeps_rows_forever(pool: asyncpg.Pool, conn: asyncpg.Co
             "delivery_reports",
             "incoming_messages",
             "webhook_rejects",
+            "events",
         ),
         0,
     )

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "campaign.fleet": 3,
     # The ops address of every process: probes, metrics, the dashboard.
     "campaign.ops": 3,
+    "campaign.forwarder": 3,
     # Composition of the roles, and the API simulator (a tool beside them).
     "campaign.worker": 4,
     "campaign.simulator": 4,
