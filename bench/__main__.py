@@ -22,6 +22,7 @@ import orjson
 from bench import harness
 from bench.guards import STAGES
 from bench.harness import Context, Result, Sizes
+from bench.stages import INFORMATIONAL
 from campaign import logs
 
 
@@ -75,7 +76,7 @@ def table(results: list[Result], machine: dict[str, Any], *, quick: bool) -> str
                 _number(r.ceiling, r.unit),
                 f"{r.ratio:.2f}",
                 r.target,
-                "yes" if r.met else "NO",
+                "-" if r.target == INFORMATIONAL else "yes" if r.met else "NO",
                 r.notes,
             )
         )

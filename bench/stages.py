@@ -4,12 +4,18 @@ submit     producer + senders (in this process) -> simulator (own process) -> re
            written; ceiling: a raw asyncpg + aiohttp loop doing the same claims, posts and
            unnest updates.
 ingest     load generator (own process) -> WebhookServer -> committed; ceiling: a bare
-           aiohttp handler that parses and answers 200.
+           aiohttp handler that parses with orjson and commits the raw report through one
+           asyncpg group-commit INSERT before it answers 200 (durable, what a user would
+           build by hand); also printed: the ratio to a handler that parses and stores
+           nothing.
 reconcile  stored reports -> recipient statuses with the Reconciler; ceiling: one raw
            UPDATE ... FROM by transid.
 e2e        recipients inserted -> all final with one report each: the simulator and one
-           `campaign worker` (sender, webhooks, reconciler) in their own processes; the
-           ceiling is derived from the stage ceilings (the raw paths one after the other).
+           `campaign worker` (sender, webhooks, reconciler) in their own processes, one
+           report per callback POST (the platform's shape); the ceiling is derived from the
+           submit, durable ingest and reconcile ceilings (the raw paths one after the other),
+           measured by this stage when the run has not measured them already.
+e2e100     the same with 100 reports per callback POST: informational, no target.
 memory     RSS of a `campaign worker` process sending a large campaign; ceiling: its RSS
            idle.
 latency    insert of a ready campaign -> first request at the simulator, p50 / p99;
@@ -21,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,8 @@ from campaign.sender import Sender, create_session, sessions_needed
 from campaign.webhooks import WebhookServer
 
 MESSAGING_PATH = "/resources/v1/messaging"
+# The target column of a row kept for information (the table prints "-" as met).
+INFORMATIONAL = "informational"
 FINAL = ("delivered", "failed", "rejected", "invalid", "suppressed", "expired", "cancelled")
 
 
@@ -263,39 +271,112 @@ def bare_app() -> web.Application:
     return app
 
 
+DURABLE_TABLE = "public.bench_durable_reports"
+DURABLE_INSERT = f"""
+INSERT INTO {DURABLE_TABLE} (body)
+SELECT value FROM jsonb_array_elements($1::text::jsonb)
+"""
+OK_BODY = orjson.dumps({"status": "ok", "reports": 1})
+
+
+def durable_app(pool: db.Pool) -> web.Application:
+    """The receiver a user would write by hand: parse with orjson, no validation, and answer
+    200 only once the raw report is committed; concurrent requests share one INSERT (group
+    commit: the next group forms while one commits, never after a fixed sleep)."""
+    waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+    wake = asyncio.Event()
+
+    async def flush() -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            while waiting:
+                group = waiting[:]
+                waiting.clear()
+                document = b"[" + b",".join(body for body, _ in group) + b"]"
+                try:
+                    await pool.execute(DURABLE_INSERT, document.decode())
+                except Exception as exc:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_result(None)
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        orjson.loads(body)
+        future = asyncio.get_running_loop().create_future()
+        waiting.append((body, future))
+        wake.set()
+        await future
+        return web.Response(body=OK_BODY, content_type="application/json")
+
+    async def flusher(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(flush())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app = web.Application()
+    app.router.add_post("/webhooks/dr/{token}", handle)
+    app.cleanup_ctx.append(flusher)
+    return app
+
+
 async def ingest(ctx: Context) -> Result:
     n = ctx.sizes.ingest
     product_runs: list[dict[str, Any]] = []
+    durable_runs: list[dict[str, Any]] = []
     bare_runs: list[dict[str, Any]] = []
     for _ in range(ctx.sizes.rounds):
         product_runs.append(await _ingest_product(ctx, n))
+        durable_runs.append(await _ingest_durable(ctx, n))
         bare_runs.append(await _ingest_bare(ctx, n))
-    product = min(product_runs, key=lambda r: float(r["duration_s"]))
-    bare = min(bare_runs, key=lambda r: float(r["duration_s"]))
-    # Not a target: the same receiver when the platform sends 100 reports per POST (as the
-    # simulator does in the end-to-end stage), where one request's overhead is shared.
+    product = _fastest(product_runs)
+    # Not a target: the same receiver when the platform sends 100 reports per POST, where
+    # one request's overhead is shared.
     batched = await _ingest_product(ctx, max(1, n // 100), per_request=100)
     batched_rate = n // 100 * 100 / float(batched["duration_s"])
     figure = n / float(product["duration_s"])
-    ceiling = n / float(bare["duration_s"])
-    ctx.ceilings["ingest"] = ceiling
-    r = harness.ratio(figure, ceiling)
+    durable = n / float(_fastest(durable_runs)["duration_s"])
+    bare = n / float(_fastest(bare_runs)["duration_s"])
+    ctx.ceilings["ingest"] = durable
+    ctx.ceilings["ingest_bare"] = bare
+    r = harness.ratio(figure, durable)
     return Result(
         stage="ingest",
         unit="reports/s",
         figure=figure,
-        ceiling=ceiling,
+        ceiling=durable,
         ratio=r,
-        target=">= 8,000/s and >= 80% of bare handler",
+        target=">= 8,000/s and >= 80% of durable handler",
         met=figure >= 8_000 and r >= 0.80,
         n=n,
         duration_s=float(product["duration_s"]),
         notes=(
-            f"1 report per POST, 32 connections; best of {len(bare_runs)}; "
+            f"1 report per POST, 32 connections; best of {len(durable_runs)}; "
+            f"bare handler (stores nothing) {bare:,.0f}/s, "
+            f"ratio {harness.ratio(figure, bare):.2f}; "
             f"100 per POST: {batched_rate:,.0f}/s"
         ),
-        details={"product_runs": product_runs, "bare_runs": bare_runs, "batched": batched},
+        details={
+            "ceiling": "durable: bare aiohttp + orjson + one group-commit INSERT of the raw report",
+            "bare_ceiling": bare,
+            "bare_ratio": harness.ratio(figure, bare),
+            "product_runs": product_runs,
+            "durable_runs": durable_runs,
+            "bare_runs": bare_runs,
+            "batched": batched,
+        },
     )
+
+
+def _fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(runs, key=lambda r: float(r["duration_s"]))
 
 
 async def _ingest_product(ctx: Context, n: int, *, per_request: int = 1) -> dict[str, Any]:
@@ -334,6 +415,34 @@ async def _ingest_bare(ctx: Context, n: int) -> dict[str, Any]:
         return await _loadgen(
             ctx, f"http://127.0.0.1:{port}/webhooks/dr/{WEBHOOK_TOKEN}", n, "loadgen-bare"
         )
+
+
+async def _ingest_durable(ctx: Context, n: int) -> dict[str, Any]:
+    """The same load against the hand-built durable receiver; every report committed."""
+    await harness.reset(ctx.dsn)
+    pool = await db.create_pool(ctx.dsn, min_size=2, max_size=4)
+    try:
+        await pool.execute(
+            f"CREATE TABLE IF NOT EXISTS {DURABLE_TABLE} ("
+            "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body jsonb NOT NULL, "
+            "received_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await pool.execute(f"TRUNCATE {DURABLE_TABLE}")
+        port = harness.free_port()
+        async with _serve(durable_app(pool), port):
+            result = await _loadgen(
+                ctx,
+                f"http://127.0.0.1:{port}/webhooks/dr/{WEBHOOK_TOKEN}",
+                n,
+                "loadgen-durable",
+            )
+        stored = await pool.fetchval(f"SELECT count(*) FROM {DURABLE_TABLE}")
+        await pool.execute(f"TRUNCATE {DURABLE_TABLE}")
+    finally:
+        await pool.close()
+    if result["statuses"] != {"200": n} or stored != n:
+        raise RuntimeError(f"durable ingest: answers {result['statuses']}, {stored} of {n} stored")
+    return result
 
 
 def vars_of(obj: Any) -> dict[str, Any]:
@@ -476,11 +585,68 @@ NO_REPORTS = ("faults.lost_report.probability=1.0",)
 SENDER_ONLY = ("--no-webhooks", "--no-reconciler")
 
 
+async def _submit_ceiling(ctx: Context) -> float:
+    """The submit stage's ceiling alone: the raw claim / post / update loop."""
+    n = ctx.sizes.submit
+    sim, base_url = await harness.start_simulator(ctx.work_dir, name="simulator-submit-raw")
+    runs: list[float] = []
+    async with harness.running(sim):
+        for _ in range(ctx.sizes.rounds):
+            await harness.reset(ctx.dsn)
+            runs.append(await submit_raw(ctx.dsn, base_url, n))
+    return n / min(runs)
+
+
+async def _ingest_ceiling(ctx: Context) -> float:
+    """The ingest stage's (durable) ceiling alone: the hand-built receiver, one per POST."""
+    n = ctx.sizes.ingest
+    runs = [await _ingest_durable(ctx, n) for _ in range(ctx.sizes.rounds)]
+    return n / float(_fastest(runs)["duration_s"])
+
+
+async def _reconcile_ceiling(ctx: Context) -> float:
+    """The reconcile stage's ceiling alone: one raw UPDATE ... FROM."""
+    n = ctx.sizes.reconcile
+    return n / min([await reconcile_raw(ctx.dsn, n) for _ in range(ctx.sizes.rounds)])
+
+
+# What end to end is derived from, and how to measure each when the run has not.
+E2E_CEILINGS: dict[str, Callable[[Context], Awaitable[float]]] = {
+    "submit": _submit_ceiling,
+    "ingest": _ingest_ceiling,
+    "reconcile": _reconcile_ceiling,
+}
+
+
+async def derived_ceiling(ctx: Context) -> tuple[float, list[str]]:
+    """1 / sum(1 / ceiling) of the raw paths one after the other; the ceilings this run had
+    not measured yet are measured now (and kept for later stages). Returns the ceiling and
+    the names of the ceilings measured here."""
+    measured = []
+    for name, measure in E2E_CEILINGS.items():
+        if ctx.ceilings.get(name, 0.0) <= 0:
+            ctx.ceilings[name] = await measure(ctx)
+            measured.append(name)
+    return 1 / sum(1 / ctx.ceilings[name] for name in E2E_CEILINGS), measured
+
+
 async def e2e(ctx: Context) -> Result:
+    """End to end in the platform's shape: one delivery report per callback POST."""
+    return await _e2e(ctx, per_post=1)
+
+
+async def e2e100(ctx: Context) -> Result:
+    """Informational: end to end with 100 reports per callback POST."""
+    return await _e2e(ctx, per_post=100)
+
+
+async def _e2e(ctx: Context, *, per_post: int) -> Result:
     n = ctx.sizes.e2e
+    ceiling, measured = await derived_ceiling(ctx)
     await harness.reset(ctx.dsn)
-    sim_settings = ("dr_batch_size=100", "dr_delay_min_s=0.1", "dr_delay_max_s=1.0")
-    async with _product(ctx, "e2e", sim_settings=sim_settings) as (_, base_url):
+    sim_settings = (f"dr_batch_size={per_post}", "dr_delay_min_s=0.1", "dr_delay_max_s=1.0")
+    name = "e2e" if per_post == 1 else f"e2e{per_post}"
+    async with _product(ctx, name, sim_settings=sim_settings) as (_, base_url):
         conn = await db.connect(ctx.dsn)
         try:
             campaign_id = await harness.seed_recipients(conn, count=n)
@@ -506,24 +672,29 @@ async def e2e(ctx: Context) -> Result:
         ):
             sim_stats = await resp.json()
     if delivered != n or reports != n:
-        raise RuntimeError(f"e2e: {delivered} delivered, {reports} reports, of {n}")
+        raise RuntimeError(f"{name}: {delivered} delivered, {reports} reports, of {n}")
     figure = n / elapsed
-    stages = [ctx.ceilings.get(s, 0.0) for s in ("submit", "ingest", "reconcile")]
-    # The raw paths one after the other on this machine: 1 / sum(1 / ceiling).
-    ceiling = 1 / sum(1 / c for c in stages) if all(stages) else 0.0
+    r = harness.ratio(figure, ceiling)
+    notes = f"insert committed -> campaign completed; DRs {per_post} per POST, 0.1-1 s late" + (
+        f"; ceilings measured here: {', '.join(measured)}" if measured else ""
+    )
     return Result(
-        stage="e2e",
+        stage=name,
         unit="messages/s",
         figure=figure,
         ceiling=ceiling,
-        ratio=harness.ratio(figure, ceiling),
-        target=">= 5,000/s",
-        met=figure >= 5_000,
+        ratio=r,
+        target=">= 5,000/s and >= 80% of derived" if per_post == 1 else INFORMATIONAL,
+        met=(figure >= 5_000 and r >= 0.80) if per_post == 1 else True,
         n=n,
         duration_s=elapsed,
-        notes="insert committed -> campaign completed; DRs 100 per POST, 0.1-1 s late",
+        notes=notes,
         details={
-            "ceiling": "derived: 1 / (1/submit + 1/ingest + 1/reconcile) raw ceilings",
+            "ceiling": "derived: 1 / (1/submit + 1/ingest + 1/reconcile), raw ceilings; "
+            "ingest is the durable one-per-POST handler",
+            "ceilings": {k: ctx.ceilings[k] for k in E2E_CEILINGS},
+            "ceilings_measured_here": measured,
+            "reports_per_post": per_post,
             "simulator": {
                 "accepted": sim_stats["destinations"]["accepted"],
                 "duplicate_msisdns": sim_stats["destinations"]["duplicate_msisdns"],
@@ -720,6 +891,7 @@ STAGES: dict[str, Callable[[Context], Awaitable[Result]]] = {
     "ingest": ingest,
     "reconcile": reconcile,
     "e2e": e2e,
+    "e2e100": e2e100,
     "memory": memory,
     "latency": latency,
 }
