@@ -20,12 +20,20 @@ memory     RSS of a `campaign worker` process sending a large campaign; ceiling:
            idle.
 latency    insert of a ready campaign -> first request at the simulator, p50 / p99;
            ceiling: a raw LISTEN that posts on the notification.
+idle       a `campaign worker` (every role) with nothing to send: database commits per
+           second (pg_stat_database.xact_commit of the run's database, which counts
+           read-only transactions too) and its share of a core (/proc). Ceilings: the same
+           window without the worker (commits) and a bare asyncio process holding a
+           LISTEN connection (CPU). Then a second worker is SIGKILLed: seconds until the
+           survivor takes its share (fleet takeover).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -886,7 +894,204 @@ async def latency(ctx: Context) -> Result:
     )
 
 
-STAGES: dict[str, Callable[[Context], Awaitable[Result]]] = {
+# --------------------------------------------------------------------------- idle
+
+IDLE_COMMITS_TARGET = 1.0
+IDLE_CPU_TARGET = 0.5  # percent of one core
+TAKEOVER_TARGET_S = 5.0
+# A bare asyncio process that only holds a LISTEN connection: the least an idle worker
+# that still wakes on NOTIFY could cost.
+BARE_IDLE = """
+import asyncio, sys
+import asyncpg
+
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    await conn.add_listener("campaign_work", lambda *a: None)
+    print("listening", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far, from /proc/PID/stat (Linux)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may hold spaces: the fields after its closing parenthesis.
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def xact_commits(conn: db.Connection) -> int:
+    """Commits of this database so far (pg_stat_database, read in a fresh snapshot)."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(
+        await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+    )
+
+
+async def _idle_window(
+    conn: db.Connection, pid: int | None, window_s: float
+) -> tuple[float, float]:
+    """Commits per second of the database and the process's % of a core over `window_s`.
+
+    Our own two probes are subtracted. Backends flush their counters to pg_stat_database
+    when they go idle, at most once a second (at the latest ten seconds later): the window
+    is long enough for that to be noise.
+    """
+    commits_0 = await xact_commits(conn)
+    cpu_0 = cpu_s(pid) if pid else 0.0
+    started = time.monotonic()
+    await asyncio.sleep(window_s)
+    elapsed = time.monotonic() - started
+    cpu_1 = cpu_s(pid) if pid else 0.0
+    # Let the last second's counters reach the shared statistics.
+    await asyncio.sleep(1.5)
+    commits_1 = await xact_commits(conn)
+    # Each probe's SELECTs are committed too: pg_stat_clear_snapshot and the read.
+    own = 2
+    return max(0, commits_1 - commits_0 - own) / elapsed, 100 * (cpu_1 - cpu_0) / elapsed
+
+
+async def _takeover_s(ctx: Context, base_url: str) -> tuple[float, dict[str, Any]]:
+    """Two idle workers for one service; SIGKILL one; seconds until the other logged that
+    it sends alone (fleet_rate_changed with live_workers 1)."""
+    procs = []
+    for name in ("a", "b"):
+        cfg = harness.write_config(
+            ctx.work_dir / f"takeover-{name}.toml",
+            base_url=base_url,
+            webhooks_port=harness.free_port(),
+        )
+        procs.append(
+            await harness.spawn(
+                f"worker-takeover-{name}",
+                ["-m", "campaign", "--config", str(cfg), "worker", "--worker-id", f"take-{name}",
+                 *SENDER_ONLY],
+                work_dir=ctx.work_dir,
+                env={"CAMPAIGN_DATABASE_DSN": ctx.dsn},
+            )
+        )  # fmt: skip
+    survivor, victim = procs
+    try:
+        for proc in procs:
+            await harness.wait_log(proc, "worker_started")
+
+        def sizes() -> list[int]:
+            return [
+                int(line["live_workers"])
+                for line in _events(survivor)
+                if line.get("event") == "fleet_rate_changed"
+            ]
+
+        deadline = time.monotonic() + 60
+        while sizes()[-1:] != [2]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"takeover: the survivor never saw two workers: {sizes()}")
+            await asyncio.sleep(0.05)
+        # Past the start-up: the workers are idle, as they would be when one dies.
+        await asyncio.sleep(3.0)
+        seen = len(sizes())
+        victim.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await victim.proc.wait()
+        while 1 not in sizes()[seen:]:
+            if time.monotonic() > killed + 60:
+                raise TimeoutError("takeover: the survivor never took the whole rate")
+            await asyncio.sleep(0.02)
+        return time.monotonic() - killed, {"fleet_sizes": sizes()}
+    finally:
+        for proc in procs:
+            await proc.stop()
+
+
+def _events(process: harness.Process) -> list[dict[str, Any]]:
+    events = []
+    for line in process.log_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = orjson.loads(line)
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+async def idle(ctx: Context) -> list[Result]:
+    window_s = ctx.sizes.idle_s
+    await harness.reset(ctx.dsn)
+    conn = await db.connect(ctx.dsn)
+    try:
+        # The database alone over the same window: what the worker is compared with.
+        background, _ = await _idle_window(conn, None, window_s)
+        bare = await harness.spawn("bare-idle", ["-c", BARE_IDLE, ctx.dsn], work_dir=ctx.work_dir)
+        async with harness.running(bare):
+            while "listening" not in bare.log_text():
+                if bare.proc.returncode is not None:
+                    raise RuntimeError(f"bare idle process: {bare.log_text()[-2000:]}")
+                await asyncio.sleep(0.05)
+            _, bare_cpu = await _idle_window(conn, bare.pid, window_s)
+        async with _product(ctx, "idle") as (worker, _):
+            # Past the start-up (fleet join, recovery's first pass, the first polls).
+            await asyncio.sleep(5.0)
+            commits, cpu = await _idle_window(conn, worker.pid, window_s)
+        await harness.reset(ctx.dsn)
+        sim, base_url = await harness.start_simulator(ctx.work_dir, name="simulator-takeover")
+        async with harness.running(sim):
+            takeover, takeover_details = await _takeover_s(ctx, base_url)
+    finally:
+        await conn.close()
+    worker_commits = max(0.0, commits - background)
+    common = {"window_s": window_s, "background_commits_per_s": background}
+    return [
+        Result(
+            stage="idle-commits",
+            unit="commits/s",
+            figure=worker_commits,
+            ceiling=0.0,
+            ratio=0.0,
+            target=f"<= {IDLE_COMMITS_TARGET:g} commit/s per idle worker",
+            met=worker_commits <= IDLE_COMMITS_TARGET,
+            n=1,
+            duration_s=window_s,
+            notes=(
+                f"xact_commit of the database over {window_s:.0f} s, less "
+                f"{background:.2f}/s without the worker; ceiling: none (0)"
+            ),
+            details={**common, "commits_per_s_with_worker": commits},
+        ),
+        Result(
+            stage="idle-cpu",
+            unit="% of a core",
+            figure=cpu,
+            ceiling=bare_cpu,
+            ratio=harness.ratio(bare_cpu, cpu),
+            target=f"<= {IDLE_CPU_TARGET:g} % of a core",
+            met=cpu <= IDLE_CPU_TARGET,
+            n=1,
+            duration_s=window_s,
+            notes="utime + stime from /proc; ceiling: a bare asyncio LISTEN process",
+            details=common,
+        ),
+        Result(
+            stage="takeover",
+            unit="s after a SIGKILL",
+            figure=takeover,
+            ceiling=0.0,
+            ratio=0.0,
+            target=f"< {TAKEOVER_TARGET_S:g} s",
+            met=takeover < TAKEOVER_TARGET_S,
+            n=1,
+            duration_s=takeover,
+            notes="2 idle workers, one killed -> the other logs it sends alone",
+            details=takeover_details,
+        ),
+    ]
+
+
+StageResult = Result | list[Result]
+STAGES: dict[str, Callable[[Context], Awaitable[StageResult]]] = {
     "submit": submit,
     "ingest": ingest,
     "reconcile": reconcile,
@@ -894,4 +1099,5 @@ STAGES: dict[str, Callable[[Context], Awaitable[Result]]] = {
     "e2e100": e2e100,
     "memory": memory,
     "latency": latency,
+    "idle": idle,
 }
