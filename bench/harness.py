@@ -247,6 +247,8 @@ class Process:
     name: str
     proc: asyncio.subprocess.Process
     log_path: Path
+    # A process this one works with (a worker's simulator), when a stage needs it.
+    peer: Process | None = None
 
     @property
     def pid(self) -> int:

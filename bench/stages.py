@@ -585,6 +585,8 @@ async def _product(
         )
         async with harness.running(worker):
             await harness.wait_log(worker, "worker_started")
+            # The simulator's process, for its CPU time (see _e2e).
+            worker.peer = sim
             yield worker, base_url
 
 
@@ -654,11 +656,14 @@ async def _e2e(ctx: Context, *, per_post: int) -> Result:
     await harness.reset(ctx.dsn)
     sim_settings = (f"dr_batch_size={per_post}", "dr_delay_min_s=0.1", "dr_delay_max_s=1.0")
     name = "e2e" if per_post == 1 else f"e2e{per_post}"
-    async with _product(ctx, name, sim_settings=sim_settings) as (_, base_url):
+    async with _product(ctx, name, sim_settings=sim_settings) as (worker, base_url):
+        sim = worker.peer
+        assert sim is not None
         conn = await db.connect(ctx.dsn)
         try:
             campaign_id = await harness.seed_recipients(conn, count=n)
             started = time.monotonic()
+            cpu_0 = {"worker": cpu_s(worker.pid), "simulator": cpu_s(sim.pid)}
 
             async def completed() -> bool:
                 status = await conn.fetchval(
@@ -668,6 +673,12 @@ async def _e2e(ctx: Context, *, per_post: int) -> Result:
 
             await _wait_for(completed, interval_s=0.05, timeout_s=max(120.0, n / 500))
             elapsed = time.monotonic() - started
+            # Where the CPU went: the worker (sender, receiver, reconciler in one process)
+            # and the simulator (API and callback client), in CPU microseconds per message.
+            cpu_us = {
+                "worker": (cpu_s(worker.pid) - cpu_0["worker"]) * 1e6 / n,
+                "simulator": (cpu_s(sim.pid) - cpu_0["simulator"]) * 1e6 / n,
+            }
             delivered = await conn.fetchval(
                 "SELECT count(*) FROM campaign.recipients WHERE status = 'delivered'"
             )
@@ -683,9 +694,11 @@ async def _e2e(ctx: Context, *, per_post: int) -> Result:
         raise RuntimeError(f"{name}: {delivered} delivered, {reports} reports, of {n}")
     figure = n / elapsed
     r = harness.ratio(figure, ceiling)
-    notes = f"insert committed -> campaign completed; DRs {per_post} per POST, 0.1-1 s late" + (
-        f"; ceilings measured here: {', '.join(measured)}" if measured else ""
-    )
+    notes = (
+        f"insert committed -> campaign completed; DRs {per_post} per POST, 0.1-1 s late; "
+        f"CPU per message: worker {cpu_us['worker']:.0f} us, simulator "
+        f"{cpu_us['simulator']:.0f} us"
+    ) + (f"; ceilings measured here: {', '.join(measured)}" if measured else "")
     return Result(
         stage=name,
         unit="messages/s",
@@ -703,6 +716,7 @@ async def _e2e(ctx: Context, *, per_post: int) -> Result:
             "ceilings": {k: ctx.ceilings[k] for k in E2E_CEILINGS},
             "ceilings_measured_here": measured,
             "reports_per_post": per_post,
+            "cpu_us_per_message": cpu_us,
             "simulator": {
                 "accepted": sim_stats["destinations"]["accepted"],
                 "duplicate_msisdns": sim_stats["destinations"]["duplicate_msisdns"],
