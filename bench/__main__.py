@@ -22,6 +22,7 @@ import orjson
 from bench import harness
 from bench.guards import STAGES
 from bench.harness import Context, Result, Sizes
+from bench.stages import INFORMATIONAL
 from campaign import logs
 
 
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("submit", "ingest", "reconcile", "e2e", "memory", "check"):
         parser.add_argument(f"--{name}-n", type=int, help=f"override the {name} stage's size")
     parser.add_argument("--latency-trials", type=int, help="override the number of trials")
+    parser.add_argument("--idle-s", type=float, help="override the idle stage's window")
     args = parser.parse_args(argv)
     unknown = [s for s in args.stages.split(",") if s not in STAGES]
     if unknown:
@@ -53,12 +55,20 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     }
     if args.latency_trials:
         overrides["latency_trials"] = args.latency_trials
+    if args.idle_s:
+        overrides["idle_s"] = args.idle_s
     return dataclasses.replace(sizes, **overrides)
 
 
 def _number(value: float, unit: str) -> str:
+    if unit.startswith("s after"):
+        return f"{value:,.1f} s"
     if unit.startswith("s "):
         return f"{value * 1000:,.0f} ms"
+    if unit.startswith("%"):
+        return f"{value:.2f} %"
+    if unit.startswith("commits"):
+        return f"{value:.2f}/s"
     if unit.startswith("MB"):
         return f"{value:,.1f} MB"
     return f"{value:,.0f}/s"
@@ -75,7 +85,7 @@ def table(results: list[Result], machine: dict[str, Any], *, quick: bool) -> str
                 _number(r.ceiling, r.unit),
                 f"{r.ratio:.2f}",
                 r.target,
-                "yes" if r.met else "NO",
+                "-" if r.target == INFORMATIONAL else "yes" if r.met else "NO",
                 r.notes,
             )
         )
@@ -111,18 +121,19 @@ async def run(args: argparse.Namespace) -> int:
             for name in names:
                 print(f"bench: {name} ...", file=sys.stderr, flush=True)
                 try:
-                    result = await STAGES[name](ctx)
+                    outcome = await STAGES[name](ctx)
                 except Exception as exc:
                     failures[name] = f"{type(exc).__name__}: {exc}"
                     print(f"bench: {name} failed: {failures[name]}", file=sys.stderr, flush=True)
                     continue
-                results.append(result)
-                print(
-                    f"bench: {name} {_number(result.figure, result.unit)} "
-                    f"(ceiling {_number(result.ceiling, result.unit)})",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                for result in outcome if isinstance(outcome, list) else [outcome]:
+                    results.append(result)
+                    print(
+                        f"bench: {result.stage} {_number(result.figure, result.unit)} "
+                        f"(ceiling {_number(result.ceiling, result.unit)})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     record = {
         "timestamp": stamp,

@@ -36,6 +36,8 @@ TABLES = (
     "campaign.batches",
     "campaign.recipients",
     "campaign.campaigns",
+    "campaign.workers",
+    "campaign.service_rates",
 )
 
 
@@ -50,6 +52,8 @@ class Sizes:
     memory: int = 10_000_000
     latency_trials: int = 20
     check: int = 1_000_000
+    # Seconds over which the idle stage counts commits and CPU.
+    idle_s: float = 60.0
     # Throughput stages run product and ceiling alternately this many times and keep the
     # best of each: one run on a shared 2-core machine varies by +-15 %.
     rounds: int = 3
@@ -64,6 +68,7 @@ class Sizes:
             memory=100_000,
             latency_trials=8,
             check=50_000,
+            idle_s=15.0,
             rounds=1,
         )
 
@@ -242,6 +247,8 @@ class Process:
     name: str
     proc: asyncio.subprocess.Process
     log_path: Path
+    # A process this one works with (a worker's simulator), when a stage needs it.
+    peer: Process | None = None
 
     @property
     def pid(self) -> int:

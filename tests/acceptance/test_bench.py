@@ -6,12 +6,15 @@ returns a complete record that the table can print.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import pytest
 
 from bench import harness
 from bench.__main__ import table
 from bench.harness import Context, Sizes
-from bench.stages import reconcile, submit
+from bench.stages import E2E_CEILINGS, derived_ceiling, e2e, ingest, reconcile, submit
 
 
 def tiny_context(dsn: str, tmp_path: Path) -> Context:
@@ -51,3 +54,42 @@ async def test_submit_stage_sends_through_the_simulator_process(dsn: str, tmp_pa
     printed = table([result], machine, quick=True)
     assert "| submit" in printed
     assert f"PostgreSQL {machine['postgresql']}" in printed
+
+
+async def test_e2e_stage_alone_measures_the_ceilings_it_derives_from(
+    dsn: str, tmp_path: Path
+) -> None:
+    # Run on its own (no submit, ingest or reconcile stage before it), end to end used to
+    # print "ceiling 0/s, ratio 0.00".
+    ctx = tiny_context(dsn, tmp_path)
+    ctx = dataclasses.replace(ctx, sizes=dataclasses.replace(ctx.sizes, rounds=1, e2e=300))
+    result = await e2e(ctx)
+    check_record(result, stage="e2e", n=300)
+    assert result.details["ceilings_measured_here"] == list(E2E_CEILINGS)
+    assert set(E2E_CEILINGS) <= set(ctx.ceilings)
+    assert all(ctx.ceilings[name] > 0 for name in E2E_CEILINGS)
+    # The platform's shape: one delivery report per callback POST, every one delivered.
+    assert result.details["reports_per_post"] == 1
+    assert "ceilings measured here: submit, ingest, reconcile" in result.notes
+
+
+async def test_derived_ceiling_takes_the_runs_ceilings_in_series(dsn: str, tmp_path: Path) -> None:
+    ctx = tiny_context(dsn, tmp_path)
+    ctx.ceilings.update(submit=40_000.0, ingest=10_000.0, reconcile=40_000.0)
+    ceiling, measured = await derived_ceiling(ctx)
+    assert measured == []
+    assert ceiling == pytest.approx(1 / (1 / 40_000 + 1 / 10_000 + 1 / 40_000))
+
+
+async def test_ingest_stage_reports_the_durable_and_the_bare_ceiling(
+    dsn: str, tmp_path: Path
+) -> None:
+    ctx = tiny_context(dsn, tmp_path)
+    ctx = dataclasses.replace(ctx, sizes=dataclasses.replace(ctx.sizes, rounds=1))
+    # The stage raises unless the product and the durable handler each stored every report.
+    result = await ingest(ctx)
+    check_record(result, stage="ingest", n=500)
+    assert ctx.ceilings["ingest"] == result.ceiling
+    assert ctx.ceilings["ingest_bare"] == result.details["bare_ceiling"] > 0
+    assert result.details["durable_runs"][0]["statuses"] == {"200": 500}
+    assert "bare handler (stores nothing)" in result.notes
