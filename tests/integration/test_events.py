@@ -268,8 +268,13 @@ async def test_the_trigger_join_is_planned_for_each_statement_size(
     _, rows = await seed_campaign(conn, ["queued"] * 3001)
     plans: list[str] = []
     conn.add_log_listener(lambda _conn, message: plans.append(str(message.message)))
+    try:
+        await conn.execute("LOAD 'auto_explain'")
+    except asyncpg.UndefinedFileError:
+        # The embedded server (pgserver) ships without contrib modules; CI's PostgreSQL has it.
+        pytest.skip("auto_explain is not installed in this PostgreSQL")
     await conn.execute(
-        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
+        "SET auto_explain.log_min_duration = 0; "
         "SET auto_explain.log_nested_statements = on; SET client_min_messages = log"
     )
     try:
