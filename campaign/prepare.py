@@ -95,7 +95,7 @@ class Prepared:
     next_attempt_at: datetime | None = None
 
 
-# Error codes of rows the sending window held back (producer_defer_recipients).
+# Error codes of rows the sending window held back (producer_prepare_recipients).
 OUTSIDE_WINDOW = "outside_window"
 WINDOW_AFTER_EXPIRY = "window_after_expiry"
 WINDOW_NEVER_OPEN = "window_never_open"

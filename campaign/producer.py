@@ -8,8 +8,9 @@ service never holds up another and no claimed batch waits outside a queue.
 Per recipient it normalises the number, drops opted-out numbers, holds back rows outside
 their local sending window (they wait, pending, for its opening: producer_release_due
 makes them claimable then, so waiting rows cost no claim), renders the text and
-checks it; rows that must not be sent get their final status in one set-based statement
-(only when there are any) and the rest become one request body, encoded once. What the
+checks it; rows that must not be sent (their final status) and rows held back (pending
+till their window opens) leave the batch in one set-based statement (only when there are
+any) and the rest become one request body, encoded once. What the
 checks found for the rows sent (number, encoding, parts) travels with the batch and is
 written with the results, so a sent row is written at claim and at its result only.
 """
@@ -52,7 +53,6 @@ QUERIES = (
     "producer_unknown_service_campaigns",
     "producer_renew_leases",
     "producer_release_due",
-    "producer_defer_recipients",
     "producer_judge_canaries",
     "producer_brake_campaigns",
     "producer_lock_campaign_numbers",
@@ -96,22 +96,6 @@ async def claim_batch(
     """producer_claim_batch: up to `limit` due rows of one campaign with ids above
     `after_id`, now `sending` in a new batch leased to this worker."""
     return await pool.fetch(sql, campaign_id, limit, service, worker_id, lease_s, after_id)
-
-
-async def store_deferred(
-    conn: db.PoolConnection, sql: str, batch_id: int, deferred: Sequence[Prepared]
-) -> None:
-    """producer_defer_recipients: rows outside their sending window wait or expire."""
-    await conn.fetchval(
-        sql,
-        batch_id,
-        [p.id for p in deferred],
-        [p.status for p in deferred],
-        [p.msisdn_e164 for p in deferred],
-        [p.next_attempt_at for p in deferred],
-        [p.error_code for p in deferred],
-        [p.error_message for p in deferred],
-    )
 
 
 def claimed_row(record: db.Record, *, foreign: bool = False) -> Claimed:
@@ -220,12 +204,9 @@ async def prepare_batch(
         foreign = {r.id for r in rows if r.foreign}
         prepared = [p for p in prepared if p.id not in foreign]
     # Rows to send stay as claimed: their checks are written with their results.
-    final = [p for p in prepared if p.destination is None and p.error_code not in WINDOW_CODES]
-    if final:
-        await store_final(conn, queries["producer_prepare_recipients"], batch_id, final)
-    held = [p for p in prepared if p.destination is None and p.error_code in WINDOW_CODES]
-    if held:
-        await store_deferred(conn, queries["producer_defer_recipients"], batch_id, held)
+    leaving = [p for p in prepared if p.destination is None]
+    if leaving:
+        await store_leaving(conn, queries["producer_prepare_recipients"], batch_id, leaving)
     if guards.registered:
         await conn.execute(
             queries["producer_register_numbers"],
@@ -243,18 +224,20 @@ async def prepare_batch(
     return prepared
 
 
-async def store_final(
-    conn: db.PoolConnection, sql: str, batch_id: int, final: Sequence[Prepared]
+async def store_leaving(
+    conn: db.PoolConnection, sql: str, batch_id: int, leaving: Sequence[Prepared]
 ) -> None:
-    """producer_prepare_recipients: the rows that will not be sent, with their reasons."""
+    """producer_prepare_recipients: the rows that leave the batch unsent, final with
+    their reasons or held by the sending window (pending until `next_attempt_at`)."""
     await conn.fetchval(
         sql,
         batch_id,
-        [p.id for p in final],
-        [p.status for p in final],
-        [p.msisdn_e164 for p in final],
-        [p.error_code for p in final],
-        [p.error_message for p in final],
+        [p.id for p in leaving],
+        [p.status for p in leaving],
+        [p.msisdn_e164 for p in leaving],
+        [p.next_attempt_at for p in leaving],
+        [p.error_code for p in leaving],
+        [p.error_message for p in leaving],
     )
 
 

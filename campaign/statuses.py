@@ -101,15 +101,15 @@ _NOT_SENDING = set(RECIPIENT_STATUSES) - {"sending"}
 # Every UPDATE of campaign.recipients' status, by query name.
 TRANSITIONS: Final[tuple[Move, ...]] = (
     _move("producer", "producer_claim_batch", {"pending"}, {"sending"}),
+    # The rows a batch does not send: final (invalid, suppressed, duplicate, capped), or
+    # outside the recipient's sending window: back to pending until it opens (attempts
+    # unchanged), or expired when it opens only after the campaign's expires_at.
     _move(
         "producer",
         "producer_prepare_recipients",
         {"sending"},
-        {"invalid", "suppressed", "duplicate", "capped"},
+        {"invalid", "suppressed", "duplicate", "capped", "pending", "expired"},
     ),
-    # Outside the recipient's sending window: back to pending until it opens (attempts
-    # unchanged), or expired when it opens only after the campaign's expires_at.
-    _move("producer", "producer_defer_recipients", {"sending"}, {"pending", "expired"}),
     _move("producer", "producer_cancel_pending", {"pending"}, {"cancelled"}),
     _move("producer", "producer_expire_pending", {"pending"}, {"expired"}),
     # The submit response, per destination; `unknown` rows of the batch can still take

@@ -229,24 +229,29 @@ DELETE FROM campaign.cap_reservations
          LIMIT $2);
 
 -- name: producer_prepare_recipients
--- Give the claimed rows that must not be sent (invalid / suppressed / duplicate / capped)
--- their final status
--- and reason in one statement; they leave the batch. Rows still to send are not touched
--- here: their number, encoding and parts are written with their results (sender_write_results),
--- so a sent row is written twice, not three times. The batch keeps the count still to
--- send and is closed at once when that is zero (nothing will be posted). Only called
--- when there is at least one such row.
--- $1 batch id; arrays of equal length: $2 ids, $3 final statuses, $4 msisdn_e164 (NULL
--- when the number is invalid), $5 error codes, $6 error messages
+-- The claimed rows that leave the batch unsent, in one statement (one round trip a batch):
+-- the ones that must not be sent (invalid / suppressed / duplicate / capped) get their
+-- final status and reason; the ones outside their sending window go back to 'pending'
+-- with next_attempt_at at the window's next opening (attempts unchanged, so waiting is
+-- not a try), or become 'expired' when it opens only after the campaign's expires_at.
+-- Rows still to send are not touched here: their number, encoding and parts are written
+-- with their results (sender_write_results), so a sent row is written twice, not three
+-- times. The batch keeps the count still to send and is closed at once when that is zero
+-- (nothing will be posted). Only called when there is at least one such row.
+-- $1 batch id; arrays of equal length: $2 ids, $3 statuses, $4 msisdn_e164 (NULL when
+-- the number is invalid), $5 next_attempt_at (NULL for rows that become final), $6 error
+-- codes, $7 error messages
 WITH updated AS (
     UPDATE campaign.recipients r
        SET status = u.status,
            msisdn_e164 = u.msisdn_e164,
+           next_attempt_at = u.next_attempt_at,
            error_code = u.error_code,
            error_message = u.error_message,
            updated_at = now()
-      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
-           AS u(id, status, msisdn_e164, error_code, error_message)
+      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                  $7::text[])
+           AS u(id, status, msisdn_e164, next_attempt_at, error_code, error_message)
      WHERE r.id = u.id AND r.batch_id = $1 AND r.status = 'sending'
     RETURNING r.id
 ), left_to_send AS (
@@ -348,41 +353,6 @@ UPDATE campaign.recipients r
    SET next_attempt_at = NULL, updated_at = now()
   FROM due
  WHERE r.id = due.id AND r.status = 'pending';
-
--- name: producer_defer_recipients
--- Claimed rows outside their sending window leave the batch: back to 'pending' with
--- next_attempt_at at the window's next opening (attempts unchanged, so waiting is not a
--- try), or 'expired' when the window opens only after the campaign's expires_at. The
--- batch keeps the count still to send and is closed at once when that is zero, as in
--- producer_prepare_recipients. Only called when there is at least one such row.
--- $1 batch id; arrays of equal length: $2 ids, $3 statuses ('pending' or 'expired'),
--- $4 msisdn_e164, $5 next_attempt_at (NULL for expired rows), $6 error codes,
--- $7 error messages
-WITH updated AS (
-    UPDATE campaign.recipients r
-       SET status = CASE WHEN u.status = 'expired' THEN 'expired' ELSE 'pending' END,
-           msisdn_e164 = u.msisdn_e164,
-           next_attempt_at = u.next_attempt_at,
-           error_code = u.error_code,
-           error_message = u.error_message,
-           updated_at = now()
-      FROM unnest($2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
-                  $7::text[])
-           AS u(id, status, msisdn_e164, next_attempt_at, error_code, error_message)
-     WHERE r.id = u.id AND r.batch_id = $1 AND r.status = 'sending'
-    RETURNING r.id
-), left_to_send AS (
-    SELECT b.destinations - (SELECT count(*) FROM updated) AS n
-      FROM campaign.batches b
-     WHERE b.id = $1
-)
-UPDATE campaign.batches b
-   SET destinations = l.n,
-       status = CASE WHEN l.n = 0 THEN 'done' ELSE b.status END,
-       finished_at = CASE WHEN l.n = 0 THEN now() ELSE b.finished_at END
-  FROM left_to_send l
- WHERE b.id = $1
-RETURNING b.destinations;
 
 -- name: producer_judge_canaries
 -- Campaigns whose canary is out (canary_size recipients sent or being sent) and done:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -209,6 +210,7 @@ async def test_prepare_recipients_records_final_statuses(conn, q) -> None:
         ids[1:],
         ["invalid", "suppressed"],
         [None, "+919800000002"],
+        [None, None],
         ["invalid_msisdn", "suppressed"],
         ["bad", "number opted out"],
     )
@@ -238,6 +240,7 @@ async def test_prepare_recipients_closes_a_batch_with_nothing_to_send(conn, q) -
         ids,
         ["invalid", "invalid"],
         [None, None],
+        [None, None],
         ["x", "x"],
         ["y", "y"],
     )
@@ -245,6 +248,57 @@ async def test_prepare_recipients_closes_a_batch_with_nothing_to_send(conn, q) -
     batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
     assert batch["status"] == "done"
     assert batch["finished_at"] is not None
+
+
+async def test_prepare_recipients_stores_final_and_held_rows_in_one_statement(conn, q) -> None:
+    """A batch with a final row and rows the sending window held back leaves the batch in
+    one statement: the final row without a next attempt, the waiting one pending until its
+    window opens, the one whose window opens too late expired; the batch counts all three
+    down and is closed once nothing is left to send."""
+    cid = await create_campaign(conn)
+    ids = await add_recipients(conn, cid, numbers(4))
+    batch_id = (await claim(conn, q, cid))[0]["batch_id"]
+    opens = datetime(2030, 1, 1, 3, 30, tzinfo=UTC)
+    store = (
+        q["producer_prepare_recipients"],
+        batch_id,
+        ids[1:],
+        ["duplicate", "pending", "expired"],
+        ["+919800000002", "+919800000003", "+919800000004"],
+        [None, opens, None],
+        ["duplicate", "outside_window", "window_after_expiry"],
+        ["same as r1", "opens later", "opens after expiry"],
+    )
+    assert await conn.fetchval(*store) == 1
+    got = await conn.fetch(
+        "SELECT status, msisdn_e164, next_attempt_at, error_code, batch_id "
+        "FROM campaign.recipients WHERE campaign_id = $1 ORDER BY id",
+        cid,
+    )
+    assert [tuple(r) for r in got] == [
+        ("sending", None, None, None, batch_id),
+        ("duplicate", "+919800000002", None, "duplicate", batch_id),
+        ("pending", "+919800000003", opens, "outside_window", batch_id),
+        ("expired", "+919800000004", None, "window_after_expiry", batch_id),
+    ]
+    batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
+    assert (batch["status"], batch["destinations"], batch["finished_at"]) == ("claimed", 1, None)
+    # Rows no longer 'sending' in this batch are not counted again.
+    assert await conn.fetchval(*store) == 1
+
+    left = await conn.fetchval(
+        q["producer_prepare_recipients"],
+        batch_id,
+        ids[:1],
+        ["pending"],
+        ["+919800000001"],
+        [opens],
+        ["outside_window"],
+        ["opens later"],
+    )
+    assert left == 0
+    batch = await conn.fetchrow("SELECT * FROM campaign.batches WHERE id = $1", batch_id)
+    assert batch["status"] == "done" and batch["finished_at"] is not None
 
 
 # --- cancel_pending / expire_pending ----------------------------------------------------
