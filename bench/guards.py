@@ -98,32 +98,12 @@ async def check(ctx: Context) -> Result:
 
 
 async def submit_capped(ctx: Context) -> Result:
-    n = ctx.sizes.submit
-    sim, base_url = await harness.start_simulator(ctx.work_dir, name="simulator-capped")
-    policy = config.PolicySettings(max_per_msisdn=3)
-    capped_runs: list[float] = []
-    raw_runs: list[float] = []
-    async with harness.running(sim):
-        for _ in range(ctx.sizes.rounds):
-            await harness.reset(ctx.dsn)
-            capped_runs.append(await stages.submit_pipeline(ctx.dsn, base_url, n, policy=policy))
-            await harness.reset(ctx.dsn)
-            raw_runs.append(await stages.submit_raw(ctx.dsn, base_url, n))
-    capped_s, raw_s = min(capped_runs), min(raw_runs)
-    figure, ceiling = n / capped_s, n / raw_s
-    r = harness.ratio(figure, ceiling)
-    return Result(
+    return await stages.submit_stage(
+        ctx,
         stage="submit_capped",
-        unit="destinations/s",
-        figure=figure,
-        ceiling=ceiling,
-        ratio=r,
-        target=">= 25,000/s and >= 70% of raw",
-        met=figure >= 25_000 and r >= 0.70,
-        n=n,
-        duration_s=capped_s,
-        notes=f"max_per_msisdn = 3, none reached; best of {len(raw_runs)}",
-        details={"capped_runs_s": capped_runs, "raw_runs_s": raw_runs},
+        simulator="simulator-capped",
+        notes="max_per_msisdn = 3, none reached",
+        policy=config.PolicySettings(max_per_msisdn=3),
     )
 
 
