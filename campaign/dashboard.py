@@ -25,7 +25,8 @@ QUERIES = (
     "dashboard_series",
     "dashboard_report_delay",
     "dashboard_reasons",
-    "dashboard_window_waiting",
+    # The same count as `campaign status` shows (its query, one definition).
+    "status_window_waiting",
 )
 # Campaigns listed at most on the page.
 LIST_LIMIT = 50
@@ -135,7 +136,7 @@ async def campaign(
         }
         for r in reasons
     ]
-    window = await conn.fetchrow(queries["dashboard_window_waiting"], campaign_id)
+    window = await conn.fetchrow(queries["status_window_waiting"], campaign_id)
     assert window is not None  # an aggregate: always one row
     detail["guard_rails"] = {
         "paused_reason": row["paused_reason"],

@@ -70,12 +70,3 @@ SELECT r.status, coalesce(r.dr_code, r.error_code, '') AS code, count(*) AS n
  GROUP BY 1, 2
  ORDER BY n DESC, code
  LIMIT $3;
-
--- name: dashboard_window_waiting
--- Recipients of one campaign waiting for their local sending window to open, and when the
--- first of them opens (the same rows as status_window_waiting).
--- $1 campaign id
-SELECT count(*) AS waiting, min(next_attempt_at) AS next_opening
-  FROM campaign.recipients
- WHERE campaign_id = $1 AND status = 'pending' AND error_code = 'outside_window'
-   AND next_attempt_at > now();

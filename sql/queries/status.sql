@@ -60,7 +60,8 @@ SELECT min(sent_at) AS first_sent, max(sent_at) AS last_sent,
 
 -- name: status_window_waiting
 -- How many of one campaign's recipients wait for their sending window to open, and when
--- the first of them opens (producer_prepare_recipients marked them).
+-- the first of them opens (producer_prepare_recipients marked them). The dashboard's
+-- guard_rails show the same figures through this query.
 -- $1 campaign id
 SELECT count(*) AS waiting, min(next_attempt_at) AS next_opening
   FROM campaign.recipients
