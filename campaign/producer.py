@@ -39,6 +39,7 @@ from campaign.prepare import (
     normalise_all,
     prepare,
 )
+from campaign.statuses import MOSTLY_INVALID
 
 log = structlog.get_logger(__name__)
 
@@ -69,8 +70,6 @@ QUERIES = (
 SWEEP_CHUNK = 10_000
 # How often claims start again from each campaign's first due row (see Producer._after).
 RESCAN_S = 10.0
-# A batch with at least this share of invalid recipients is worth a warning.
-MOSTLY_INVALID = 0.5
 
 
 @dataclass(slots=True)

@@ -307,8 +307,8 @@ class Reconciler:
             per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}
             recipients = sum(counts.values())
             # A campaign that completed without reaching most of its recipients says so.
-            never_sent = per_status["invalid"] + per_status["rejected"] + per_status["expired"]
-            if recipients and never_sent >= recipients / 2:
+            never_sent = sum(per_status[s] for s in statuses.NEVER_SENT)
+            if recipients and never_sent >= statuses.MOSTLY_INVALID * recipients:
                 log.warning(
                     "campaign_completed",
                     campaign_id=row["campaign_id"],

@@ -60,6 +60,14 @@ FINAL: Final[tuple[RecipientStatus, ...]] = (
 )
 # Final statuses the producer gives before any request: the recipient was never sent.
 NOT_SENT: Final[tuple[RecipientStatus, ...]] = ("invalid", "suppressed", "duplicate", "capped")
+# Final statuses of recipients no message went out to: stopped before any request
+# (NOT_SENT), refused by the API (rejected), expired or cancelled before being sent.
+# `expired` also covers the rare report 7208 (expired in the network after acceptance).
+NEVER_SENT: Final[tuple[RecipientStatus, ...]] = (*NOT_SENT, "rejected", "expired", "cancelled")
+# At least this share of recipients not sent is worth a warning: invalid ones in a batch
+# (producer) or a campaign (`campaign status`), never sent ones in a completed campaign
+# (reconciler).
+MOSTLY_INVALID: Final = 0.5
 # Not yet accepted by the API: these rows may still cost a request.
 UNSENT: Final[tuple[RecipientStatus, ...]] = ("pending", "sending", "unknown")
 # Accepted by the API (queued) or possibly accepted (sending, unknown): a delivery report

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from campaign import codes, config, db, fleet
-from campaign.statuses import ACCEPTED, RECIPIENT_STATUSES, UNSENT
+from campaign.statuses import ACCEPTED, MOSTLY_INVALID, RECIPIENT_STATUSES, UNSENT
 
 STATUSES = RECIPIENT_STATUSES
 QUERIES = (
@@ -37,8 +37,6 @@ EXPLAINED = ("invalid", "failed", "rejected", "expired", "capped")
 TOP_REASONS = 5
 # Campaign states in which nothing will be sent any more: --watch ends on them.
 FINISHED = ("completed", "cancelled")
-# A campaign with at least this share of invalid recipients gets a warning.
-MOSTLY_INVALID = 0.5
 
 
 @dataclass(frozen=True, slots=True)

@@ -318,6 +318,27 @@ async def test_campaign_completes_when_every_recipient_is_final(
     assert (await reconciler.run_once()).campaigns_completed == 0
 
 
+@pytest.mark.parametrize(
+    ("outcomes", "level"),
+    [
+        # Stopped before any request (a list of repeated numbers, numbers at their cap).
+        (["delivered", "duplicate", "duplicate", "capped", "capped"], "warning"),
+        (["delivered", "failed", "suppressed", "cancelled", "capped"], "warning"),
+        # Reached the API: delivered or not, they were sent.
+        (["delivered", "failed", "failed", "duplicate", "capped"], "info"),
+    ],
+)
+async def test_completion_warns_when_most_recipients_were_never_sent(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, outcomes: list[str], level: str
+) -> None:
+    campaign_id, _ = await seed_campaign(conn, outcomes)
+    with capture_logs() as logs:
+        assert (await make_reconciler(pool).run_once()).campaigns_completed == 1
+    (line,) = [e for e in logs if e["event"] == "campaign_completed"]
+    assert (line["campaign_id"], line["recipients"]) == (campaign_id, 5)
+    assert line["log_level"] == level
+
+
 async def test_waiting_reports_do_not_starve_newer_ones(
     pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:

@@ -101,6 +101,13 @@ def test_vocabulary_sets_are_consistent() -> None:
     assert set(statuses.OPEN) <= left
 
 
+def test_never_sent_is_every_final_status_no_message_went_out_for() -> None:
+    never = set(statuses.NEVER_SENT)
+    assert set(statuses.NOT_SENT) < never < set(statuses.FINAL)
+    # What is left are the outcomes of a message the API took.
+    assert set(statuses.FINAL) - never == {"delivered", "failed"}
+
+
 def test_allowed_answers_from_the_table() -> None:
     assert statuses.allowed("producer", "pending", "sending")
     assert not statuses.allowed("sender", "pending", "sending")
