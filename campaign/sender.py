@@ -293,6 +293,10 @@ class Sender:
         self.accepted = 0
         self.rejected = 0
 
+    @property
+    def service(self) -> str:
+        return self._lane.name
+
     async def run(self, stop: asyncio.Event) -> None:
         """Send until `stop` is set; a batch being sent is finished first."""
         async with asyncio.TaskGroup() as tg:

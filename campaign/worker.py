@@ -277,6 +277,8 @@ class Worker:
                 )
                 for lane in self.lanes.values()
             ]
+            # /metrics shows each lane's gauges from the start, not after a stats turn.
+            self._lane_gauges()
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(producer.run(self._stop), name="producer")
@@ -322,11 +324,7 @@ class Worker:
                     metrics.EVENTS_BACKLOG.set(await self.forwarder.backlog())
                 except db.UNAVAILABLE_ERRORS as exc:
                     log.warning("stats_query_failed", error=str(exc), error_type=type(exc).__name__)
-            for name, lane in self.lanes.items():
-                metrics.QUEUE_DEPTH.labels(name).set(lane.queue.qsize())
-                metrics.EFFECTIVE_RATE.labels(name).set(lane.limiter.effective_rate_per_s)
-            for sender, name in zip(self.senders, self.lanes, strict=True):
-                metrics.IN_FLIGHT.labels(name).set(sender.in_flight)
+            self._lane_gauges()
             log.info(
                 "worker_stats",
                 worker_id=self.worker_id,
@@ -346,6 +344,14 @@ class Worker:
                 reports_waiting=waiting,
             )
             last, last_accepted, last_rejected, last_reports = now, accepted, rejected, reports
+
+    def _lane_gauges(self) -> None:
+        # Lanes exist from fleet.join on, their senders a little later: each list alone.
+        for name, lane in self.lanes.items():
+            metrics.QUEUE_DEPTH.labels(name).set(lane.queue.qsize())
+            metrics.EFFECTIVE_RATE.labels(name).set(lane.limiter.effective_rate_per_s)
+        for sender in self.senders:
+            metrics.IN_FLIGHT.labels(sender.service).set(sender.in_flight)
 
     async def _enforce_grace(self, sending: list[asyncio.Task[None]]) -> None:
         """After a stop, give requests in flight `shutdown_grace_s`, then cancel them."""

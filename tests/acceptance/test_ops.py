@@ -54,6 +54,37 @@ def _samples(text: str, name: str) -> dict[str, float]:
     return found
 
 
+async def test_a_senders_lane_gauges_are_on_metrics_before_its_first_stats_turn(
+    sim: Simulator, dsn: str, tmp_path: Path, campaign_process: Processes
+) -> None:
+    """A scrape right after start-up sees every lane's gauges (at zero), not an absent
+    series: a stats turn (here an hour away) must not be what creates them."""
+    cfg = write_config(
+        tmp_path / "sender.toml",
+        api={"base_url": sim.base_url},
+        webhooks=webhooks_at(free_port()),
+        worker={"stats_interval_s": 3600},
+    )
+    port = free_port()
+    sender = await campaign_process.start(
+        "worker",
+        "--no-webhooks",
+        "--no-reconciler",
+        "--ops-listen",
+        f"127.0.0.1:{port}",
+        config=cfg,
+        dsn=dsn,
+    )
+    url = await sender.ops_url()
+    await sender.wait_http(f"{url}/readyz")
+    async with aiohttp.ClientSession() as http:
+        status, text = await _get(http, f"{url}/metrics")
+    assert status == 200
+    assert _samples(text, "campaign_queue_depth") == {'{service="default"}': 0.0}
+    assert _samples(text, "campaign_in_flight_requests") == {'{service="default"}': 0.0}
+    assert '{service="default"}' in _samples(text, "campaign_effective_rate_per_second")
+
+
 @pytest.mark.timeout(180)
 async def test_sender_only_workers_answer_health_ready_and_metrics(
     sim: Simulator, conn: asyncpg.Connection, dsn: str, tmp_path: Path, campaign_process: Processes
