@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 from campaign import db
+from tests.helpers.faults import Row, summary_table
 from tests.helpers.proc import Processes, processes
 
 _counter = itertools.count()
@@ -139,3 +140,37 @@ async def campaign_process(tmp_path: Path) -> AsyncIterator[Processes]:
     output in tmp_path, one environment policy, every process killed at teardown."""
     async with processes(tmp_path) as started:
         yield started
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The slow tests (faults, soak) first: pytest-xdist workers then share out the short
+    # ones at the end instead of one worker finishing a long test alone.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# The fault matrix's table and the soak's figures, printed at the end of the run. They
+# come in the tests' reports (tests/faults/conftest.py), so this works in the process that
+# prints, with or without pytest-xdist workers; hence these hooks live in the root conftest,
+# which that process always loads.
+_FAULT_ROWS: list[Row] = []
+_SOAK_LINES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "teardown":
+        return
+    for name, value in report.user_properties:
+        if name == "fault_row":
+            _FAULT_ROWS.append(Row(*value))
+        elif name == "soak_line":
+            _SOAK_LINES.append(str(value))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FAULT_ROWS:
+        terminalreporter.section("fault matrix")
+        terminalreporter.write_line(summary_table(_FAULT_ROWS))
+    if _SOAK_LINES:
+        terminalreporter.section("soak")
+        for line in _SOAK_LINES:
+            terminalreporter.write_line(line)

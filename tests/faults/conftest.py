@@ -1,9 +1,5 @@
-"""Prints the fault matrix's summary table (fault, recipients, lost, duplicated, time)
-and the soak's figures at the end of the run.
-
-Tests append to `RESULTS` / `SOAK` in whichever process runs them (a pytest-xdist worker
-under `make test`); an autouse fixture hands each test's new entries to its report, and
-the process that prints the summary collects them from the reports it receives."""
+"""Hands each fault test's summary rows to its report (see tests/conftest.py, which prints
+the fault matrix's table and the soak's figures at the end of the run)."""
 
 from __future__ import annotations
 
@@ -12,37 +8,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.faults import RESULTS, SOAK, Row, summary_table
-
-_ROWS: list[Row] = []
-_SOAK_LINES: list[str] = []
+from tests.helpers.faults import RESULTS, SOAK
 
 
 @pytest.fixture(autouse=True)
 def _hand_results_to_the_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Tests append to RESULTS / SOAK in whichever process runs them (a pytest-xdist worker
+    # under `make test`); the report is what reaches the process that prints the summary.
     rows, lines = len(RESULTS), len(SOAK)
     yield
     for row in RESULTS[rows:]:
         request.node.user_properties.append(("fault_row", dataclasses.astuple(row)))
     for line in SOAK[lines:]:
         request.node.user_properties.append(("soak_line", line))
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when != "teardown":
-        return
-    for name, value in report.user_properties:
-        if name == "fault_row":
-            _ROWS.append(Row(*value))
-        elif name == "soak_line":
-            _SOAK_LINES.append(str(value))
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _ROWS:
-        terminalreporter.section("fault matrix")
-        terminalreporter.write_line(summary_table(_ROWS))
-    if _SOAK_LINES:
-        terminalreporter.section("soak")
-        for line in _SOAK_LINES:
-            terminalreporter.write_line(line)
