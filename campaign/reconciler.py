@@ -4,6 +4,8 @@ Each pass runs a few set-based statements (sql/queries/reconciler.sql): match ne
 to recipients and apply the winning report per recipient, mark long-unmatched reports
 orphaned, fail recipients whose final report never came, complete finished campaigns.
 Reports for recipients the sender has not finished with wait, durably, in state 'new'.
+A pass that finds nothing doubles the wait before the next, up to `[worker] idle_max_s`;
+`wake()` (a report stored or a batch taken in this process) brings it back to interval_s.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TypeVar
 import structlog
 
 from campaign import codes, db, metrics, reports, statuses
-from campaign.aio import sleep_or_stop
+from campaign.aio import IdleBackoff, wait_woken
 from campaign.config import PolicySettings, ReconcilerSettings, ServiceSettings
 
 log = structlog.get_logger(__name__)
@@ -117,9 +119,12 @@ class Reconciler:
         queries: Mapping[str, str],
         policy: PolicySettings | None = None,
         max_attempts: Mapping[str, int] | None = None,
+        idle_max_s: float = 0.0,
     ) -> None:
         self._pool = pool
         self._settings = settings
+        self._backoff = IdleBackoff(base_s=settings.interval_s, max_s=idle_max_s)
+        self._wake = asyncio.Event()
         self._policy = policy or PolicySettings()
         # Each service's max_attempts, and '*' for a campaign of a service this process
         # has no config for (a retry must not outlive the attempts the sender allows).
@@ -135,9 +140,16 @@ class Reconciler:
         self._after_id = 0
         self._last_sweep = -float("inf")
 
+    def wake(self) -> None:
+        """Reports or results are on their way: pass now, and every interval_s again."""
+        self._backoff.reset()
+        self._wake.set()
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Pass every interval_s until `stop` is set; again at once after a full pass."""
+        """Pass every interval_s (longer while idle) until `stop` is set; again at once
+        after a full pass."""
         while not stop.is_set():
+            self._wake.clear()
             try:
                 result = await self.run_once()
             except StepTimedOut as exc:
@@ -148,10 +160,11 @@ class Reconciler:
                 result = ReconcileResult()
             if result.full:
                 continue
-            await sleep_or_stop(stop, self._settings.interval_s)
+            wait_s = self._backoff.after(worked=result.did_work or result.reports_waiting > 0)
+            await wait_woken(self._wake, stop, wait_s)
 
     async def run_once(self) -> ReconcileResult:
-        """One pass: match, orphan, time out, complete. Each step commits on its own."""
+        """One pass: match (its own commit), then orphan, time out, complete (one transaction)."""
         started = time.monotonic()
         s = self._settings
         # Up to `parallel` match statements at once while a backlog waits: each takes the
@@ -179,9 +192,12 @@ class Reconciler:
             async with _step("pool_acquire", "sweeps"):
                 conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
             try:
-                orphans, timed_out, completed = await self._sweep(conn)
+                # One transaction: an idle pass costs the database two commits, not four.
+                async with conn.transaction():
+                    orphans, timed_out, completed = await self._sweep(conn)
             finally:
                 await self._pool.release(conn)
+            self._log_sweep(orphans, timed_out, completed)
 
         result = ReconcileResult(
             reports_examined=examined,
@@ -252,13 +268,43 @@ class Reconciler:
     async def _sweep(
         self, conn: db.PoolConnection
     ) -> tuple[list[db.Record], list[db.Record], list[db.Record]]:
-        """Orphan long-unmatched reports, time out silent recipients, complete campaigns."""
+        """Orphan long-unmatched reports, time out silent recipients, complete campaigns:
+        in the caller's transaction on `conn`."""
         s = self._settings
         orphans = await self._bounded(
             conn,
             "reconcile_orphan_reports",
             conn.fetch(self._queries["reconcile_orphan_reports"], s.orphan_after_s, s.batch_size),
         )
+        timed_out = await self._bounded(
+            conn,
+            "reconcile_report_timeout",
+            conn.fetch(self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size),
+        )
+        # Lock the campaigns that look finished, then look again with a fresh snapshot (each
+        # statement takes its own): a recipient inserted meanwhile is either seen by the
+        # second look or reopens the campaign once the lock is released (reconciler.sql).
+        finished = await self._bounded(
+            conn,
+            "reconcile_lock_finished_campaigns",
+            conn.fetch(self._queries["reconcile_lock_finished_campaigns"]),
+        )
+        completed: list[db.Record] = []
+        if finished:
+            completed = await self._bounded(
+                conn,
+                "reconcile_complete_campaigns",
+                conn.fetch(
+                    self._queries["reconcile_complete_campaigns"], [row["id"] for row in finished]
+                ),
+            )
+        return orphans, timed_out, completed
+
+    def _log_sweep(
+        self, orphans: list[db.Record], timed_out: list[db.Record], completed: list[db.Record]
+    ) -> None:
+        """What a committed sweep did."""
+        s = self._settings
         for row in orphans:
             log.warning(
                 "report_orphaned",
@@ -268,12 +314,6 @@ class Reconciler:
                 code=row["code"],
                 orphan_after_s=s.orphan_after_s,
             )
-
-        timed_out = await self._bounded(
-            conn,
-            "reconcile_report_timeout",
-            conn.fetch(self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size),
-        )
         metrics.count_final({"failed": sum(int(row["recipients"]) for row in timed_out)})
         for row in timed_out:
             log.warning(
@@ -283,25 +323,6 @@ class Reconciler:
                 report_timeout_s=s.report_timeout_s,
             )
 
-        # Lock the campaigns that look finished, then look again with a fresh snapshot, in
-        # one transaction: a recipient inserted meanwhile is either seen by the second look
-        # or reopens the campaign once the lock is released (reconciler.sql says why).
-        async with conn.transaction():
-            finished = await self._bounded(
-                conn,
-                "reconcile_lock_finished_campaigns",
-                conn.fetch(self._queries["reconcile_lock_finished_campaigns"]),
-            )
-            completed = []
-            if finished:
-                completed = await self._bounded(
-                    conn,
-                    "reconcile_complete_campaigns",
-                    conn.fetch(
-                        self._queries["reconcile_complete_campaigns"],
-                        [row["id"] for row in finished],
-                    ),
-                )
         for row in completed:
             counts: Mapping[str, int] = row["counts"]
             per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}
@@ -323,7 +344,6 @@ class Reconciler:
                     recipients=recipients,
                     **per_status,
                 )
-        return orphans, timed_out, completed
 
     async def _bounded(self, conn: db.PoolConnection, statement: str, call: Awaitable[_T]) -> _T:
         """Await `call` (a statement on `conn`) for up to STEP_TIMEOUT_S; past that, take a
