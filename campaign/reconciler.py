@@ -164,40 +164,52 @@ class Reconciler:
             await wait_woken(self._wake, stop, wait_s)
 
     async def run_once(self) -> ReconcileResult:
-        """One pass: match (its own commit), then orphan, time out, complete (one transaction)."""
+        """One pass: match, orphan, time out, complete. Outside a backlog, all of it is one
+        transaction (an idle pass is one commit); in a backlog, `parallel` matches commit on
+        their own and the sweeps, once per interval_s, together."""
         started = time.monotonic()
         s = self._settings
-        # Up to `parallel` match statements at once while a backlog waits: each takes the
-        # next reports not locked by another (SKIP LOCKED), so they split the work.
         after_id = self._after_id
-        outcomes = await asyncio.gather(
-            *(self._match(after_id) for _ in range(s.parallel if after_id else 1)),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        matches = [m for m in outcomes if not isinstance(m, BaseException)]
-        examined = sum(int(m["examined"]) for m in matches)
-        full = any(int(m["examined"]) >= s.batch_size for m in matches)
-        self._after_id = max(int(m["last_id"] or 0) for m in matches) if full else 0
-        # The sweeps look at every waiting report and running campaign; while a backlog is
-        # matched in full passes they run once per interval_s, not after every pass (the
-        # orphan sweep alone took a tenth of a 200,000-report backlog's time).
         orphans: list[db.Record] = []
         timed_out: list[db.Record] = []
         completed: list[db.Record] = []
-        if not full or started - self._last_sweep >= s.interval_s:
-            self._last_sweep = started
-            async with _step("pool_acquire", "sweeps"):
-                conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
-            try:
-                # One transaction: an idle pass costs the database two commits, not four.
-                async with conn.transaction():
+        if after_id:
+            # Up to `parallel` match statements at once while a backlog waits: each takes
+            # the next reports not locked by another (SKIP LOCKED), so they split the work.
+            outcomes = await asyncio.gather(
+                *(self._match(after_id) for _ in range(s.parallel)), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            matches = [m for m in outcomes if not isinstance(m, BaseException)]
+            full = any(int(m["examined"]) >= s.batch_size for m in matches)
+            # The sweeps look at every waiting report and running campaign; while a backlog
+            # is matched in full passes they run once per interval_s, not after every pass
+            # (the orphan sweep alone took a tenth of a 200,000-report backlog's time).
+            if not full or started - self._last_sweep >= s.interval_s:
+                self._last_sweep = started
+                async with self._connection("sweeps") as conn, conn.transaction():
                     orphans, timed_out, completed = await self._sweep(conn)
-            finally:
-                await self._pool.release(conn)
-            self._log_sweep(orphans, timed_out, completed)
+        else:
+            # Without a flush wait, as a backlog's matches (see _match): what the sweeps
+            # write is derived as well, a lost commit's timeouts and completions are found
+            # again by the next pass.
+            async with self._connection("reconcile_match_reports") as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                matches = [await self._match_on(conn, 0)]
+                full = int(matches[0]["examined"]) >= s.batch_size
+                if not full or started - self._last_sweep >= s.interval_s:
+                    self._last_sweep = started
+                    orphans, timed_out, completed = await self._sweep(conn)
+        # Committed: now counted and logged.
+        for match in matches:
+            metrics.count_final(dict(match["finals"]))
+            for delay_s in match["delays_s"]:
+                metrics.REPORT_DELAY_SECONDS.observe(delay_s)
+        examined = sum(int(m["examined"]) for m in matches)
+        self._after_id = max(int(m["last_id"] or 0) for m in matches) if full else 0
+        self._log_sweep(orphans, timed_out, completed)
 
         result = ReconcileResult(
             reports_examined=examined,
@@ -226,43 +238,49 @@ class Reconciler:
             )
         return result
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, statement: str) -> AsyncIterator[db.PoolConnection]:
+        """A pool connection for `statement`, waited for up to STEP_TIMEOUT_S."""
+        async with _step("pool_acquire", statement):
+            conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
+
     async def _match(self, after_id: int) -> db.Record:
-        """One match statement: up to batch_size new reports after `after_id`."""
-        s = self._settings
+        """One match statement in a backlog, in its own transaction."""
         # A match is derived data and needs no WAL flush of its own: should a crash lose
         # its commit, its reports are still 'new' (both writes are one statement) and the
         # next pass matches them again; any later durable commit (a sender's, the
         # receiver's) flushes it along, the WAL being one sequence.
-        async with _step("pool_acquire", "reconcile_match_reports"):
-            conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
-        try:
-            async with conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit = off")
-                match = await self._bounded(
-                    conn,
-                    "reconcile_match_reports",
-                    conn.fetchrow(
-                        self._queries["reconcile_match_reports"],
-                        after_id,
-                        s.batch_size,
-                        self._codes,
-                        self._statuses,
-                        self._meanings,
-                        reports.OTHER_CODE_STATUS,
-                        list(self._policy.retry_codes),
-                        self._policy.retry_after_s,
-                        self._services,
-                        self._max_attempts,
-                        list(self._policy.suppress_codes),
-                        self._policy.suppress_days,
-                    ),
-                )
-        finally:
-            await self._pool.release(conn)
+        async with self._connection("reconcile_match_reports") as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            return await self._match_on(conn, after_id)
+
+    async def _match_on(self, conn: db.PoolConnection, after_id: int) -> db.Record:
+        """The match statement on `conn`: up to batch_size new reports after `after_id`."""
+        s = self._settings
+        match = await self._bounded(
+            conn,
+            "reconcile_match_reports",
+            conn.fetchrow(
+                self._queries["reconcile_match_reports"],
+                after_id,
+                s.batch_size,
+                self._codes,
+                self._statuses,
+                self._meanings,
+                reports.OTHER_CODE_STATUS,
+                list(self._policy.retry_codes),
+                self._policy.retry_after_s,
+                self._services,
+                self._max_attempts,
+                list(self._policy.suppress_codes),
+                self._policy.suppress_days,
+            ),
+        )
         assert match is not None
-        metrics.count_final(dict(match["finals"]))
-        for delay_s in match["delays_s"]:
-            metrics.REPORT_DELAY_SECONDS.observe(delay_s)
         return match
 
     async def _sweep(

@@ -1,16 +1,18 @@
 """The producer: claims batches of pending recipients and hands them to the senders.
 
 It wakes on NOTIFY `campaign_work` and also polls every `poll_interval_s`, so a lost
-notification delays work by one interval at most. A pass that finds nothing (no batch
-claimed, none held) doubles the wait before the next, up to `[worker] idle_max_s`:
-NOTIFY only wakes, polling still runs, and an idle worker costs the database one
-transaction per poll (the sweeps, rows made due and a probe for due work, together).
-The backoff needs the LISTEN connection (without it polling is all there is) and never
-delays a lease renewal: while this worker holds a batch, it polls every poll_interval_s.
-Before its first claim after an idle spell, `before_claim` lets the fleet heartbeat, so
-the batch is sized to a fresh share. Each service has its own bounded
+notification delays work by one interval at most. Each service has its own bounded
 queue (a `Lane`); a batch is claimed only for a service whose queue has room, so a slow
 service never holds up another and no claimed batch waits outside a queue.
+
+Idle: a pass that finds nothing (no batch claimed, none held) doubles the wait before the
+next, up to `[worker] idle_max_s`. NOTIFY only wakes, polling still runs, and an idle
+worker costs the database one transaction per poll (the sweeps, rows made due and a probe
+for due work, together). The backoff needs the LISTEN connection (without it polling is
+all there is) and never delays a lease renewal: while this worker holds a batch it polls
+every poll_interval_s, and only a claim, which ends the backoff, gives it one. Before a
+claim, `before_claim` lets the fleet heartbeat if it was quiet, so the batch is sized to
+a fresh share.
 
 Per recipient it normalises the number, drops opted-out numbers, holds back rows outside
 their local sending window (they wait, pending, for its opening: producer_release_due
