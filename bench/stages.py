@@ -932,6 +932,7 @@ async def latency(ctx: Context) -> Result:
 IDLE_COMMITS_TARGET = 1.0
 IDLE_CPU_TARGET = 0.5  # percent of one core
 TAKEOVER_TARGET_S = 5.0
+IDLE_SETTLE_S = 12.0
 # A bare asyncio process that only holds a LISTEN connection: the least an idle worker
 # that still wakes on NOTIFY could cost.
 BARE_IDLE = """
@@ -1066,8 +1067,11 @@ async def idle(ctx: Context) -> list[Result]:
                 await asyncio.sleep(0.05)
             _, bare_cpu = await _idle_window(conn, bare.pid, window_s)
         async with _product(ctx, "idle") as (worker, _):
-            # Past the start-up (fleet join, recovery's first pass, the first polls).
-            await asyncio.sleep(5.0)
+            # Past the start-up (fleet join, recovery's first pass, the first polls), and
+            # past the counters of its burst of commits: a backend that committed within a
+            # second of its last report holds its counts for up to 10 s (PostgreSQL's
+            # PGSTAT_IDLE_INTERVAL), so after 5 s they fell into the window.
+            await asyncio.sleep(IDLE_SETTLE_S)
             commits, cpu = await _idle_window(conn, worker.pid, window_s)
         await harness.reset(ctx.dsn)
         sim, base_url = await harness.start_simulator(ctx.work_dir, name="simulator-takeover")

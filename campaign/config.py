@@ -176,6 +176,10 @@ class WorkerSettings:
     worker_id: str = ""
     stats_interval_s: float = 30.0
     shutdown_grace_s: float = 30.0
+    # A pass that finds nothing to do doubles the wait before the next, up to this: the
+    # producer's polls (NOTIFY still wakes it at once), the reconciler's and recovery's
+    # passes. An idle worker then costs the database well under one commit a second.
+    idle_max_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +351,7 @@ _POSITIVE = {
     "forward_lease_s",
     "forward_backoff_max_s",
     "retry_after_s",
+    "idle_max_s",
 }
 
 

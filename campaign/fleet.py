@@ -11,6 +11,19 @@ The AIMD factor is the fleet's too (`campaign.service_rates`): a worker that see
 7020 lowers the shared factor, every worker adopts it with its next heartbeat, and only
 one step up per increase interval is taken, by whichever worker proposes it first.
 
+A quiet worker (its producer found nothing to claim and it holds no batch) heartbeats
+every QUIET_HEARTBEAT_S instead, and stays live for the others through its LISTEN
+connection rather than its heartbeat's age (campaign.worker_live, migration 0008): while
+that server process exists and `quiet_until` has not passed, the worker counts. Idle
+workers thus keep their share exactly as before, so the others' shares do not move when
+one wakes; a killed worker's connection closes at once, so its share still comes back at
+the others' next heartbeat; one that hangs with its connection open is dropped at
+`quiet_until`. Before its first claim after a quiet spell the producer calls
+`ready_to_send`, which heartbeats at once as a sending worker: its own share is then fresh,
+and it is back to a heartbeat a second (a worker that joined meanwhile waits 1.5 s for
+that). Leases are not the fleet's business: they are renewed by the producer and taken
+back by recovery on `lease_until` alone, whatever the heartbeat.
+
 A worker joining a fleet that already sends for one of its services waits 1.5 heartbeat
 intervals before it sends, so the others have lowered their share before it adds its own.
 Workers started together (none registered more than an interval earlier) do not wait for
@@ -21,13 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from campaign import db
-from campaign.aio import sleep_or_stop
+from campaign.aio import sleep_or_stop, wait_woken
 from campaign.ratelimit import ServiceLimiter
 
 log = structlog.get_logger(__name__)
@@ -37,6 +50,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 # Three missed heartbeats: a worker busy for a moment (a GC pause, a slow query) is not
 # taken for dead, and a dead one's share still comes back within a few seconds.
 DEAD_AFTER_S = 3.0
+# A quiet worker's heartbeat: what it costs the database (a commit each), and how late a
+# quiet worker learns that another died (the bench's takeover stays under 5 s).
+QUIET_HEARTBEAT_S = 3.0
 
 
 class WorkerIdInUse(Exception):
@@ -85,6 +101,9 @@ class Fleet:
         limiters: Mapping[str, ServiceLimiter],
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         dead_after_s: float = DEAD_AFTER_S,
+        quiet: Callable[[], bool] = lambda: False,
+        listen_pid: Callable[[], int | None] = lambda: None,
+        quiet_heartbeat_s: float = QUIET_HEARTBEAT_S,
     ) -> None:
         self._pool = pool
         self._queries = db.require(queries, QUERIES)
@@ -97,6 +116,19 @@ class Fleet:
         self.states: dict[str, ServiceState] = {}
         # The fleet factor each limiter last adopted, to tell its own moves from the fleet's.
         self._adopted: dict[str, float] = {}
+        # Whether this worker holds and claims nothing (the producer's view), and the
+        # server pid of its LISTEN connection: a quiet heartbeat needs both.
+        self._quiet = quiet
+        self._listen_pid = listen_pid
+        self._quiet_interval_s = quiet_heartbeat_s
+        # A quiet worker with its LISTEN connection open counts as live this long without
+        # another heartbeat: three missed quiet heartbeats, as DEAD_AFTER_S for a sending one.
+        self._quiet_live_s = 3 * quiet_heartbeat_s
+        # The last heartbeat was a quiet one. Heartbeats take turns (the loop's and
+        # ready_to_send's), so a quiet one never lands after the sending one that ends it.
+        self.quiet = False
+        self._turn = asyncio.Lock()
+        self._woken = asyncio.Event()
 
     async def join(self, stop: asyncio.Event) -> None:
         """Register, then take this worker's shares. Waits for a dead predecessor with the
@@ -128,14 +160,33 @@ class Fleet:
             await self.heartbeat()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Heartbeat every interval until `stop` is set; a failing database is retried."""
-        while not await sleep_or_stop(stop, self._interval_s):
+        """Heartbeat every interval (quiet: every quiet interval) until `stop` is set; a
+        failing database is retried."""
+        while not stop.is_set():
+            self._woken.clear()
+            await wait_woken(
+                self._woken, stop, self._quiet_interval_s if self.quiet else self._interval_s
+            )
+            if stop.is_set():
+                return
+            if self._woken.is_set():
+                # ready_to_send just heartbeated: the next one is an interval after it.
+                continue
             try:
                 await self.heartbeat()
             except db.UNAVAILABLE_ERRORS as exc:
                 # Shares stay as they were; without the database nothing is claimed or
                 # marked posting either, so a stale share cannot send much.
                 log.warning("fleet_heartbeat_failed", error=str(exc), error_type=type(exc).__name__)
+
+    async def ready_to_send(self) -> None:
+        """Before the first claim after a quiet spell: heartbeat now, as a sending worker,
+        so the claim is sized to a fresh share and the next heartbeat comes in a second."""
+        async with self._turn:
+            if not self.quiet:
+                return
+            await self._heartbeat(quiet=False)
+        self._woken.set()
 
     async def leave(self) -> None:
         """Deregister (on a clean stop), so the others take the share at once."""
@@ -148,7 +199,15 @@ class Fleet:
             log.info("fleet_left", worker_id=self._worker_id)
 
     async def heartbeat(self) -> list[ServiceState]:
-        """One round trip: stay alive, offer the local AIMD factors, apply shares and factors."""
+        """One round trip: stay alive, offer the local AIMD factors, apply shares and
+        factors. Quiet when this worker claims nothing and its LISTEN connection is open."""
+        async with self._turn:
+            return await self._heartbeat(quiet=None)
+
+    async def _heartbeat(self, *, quiet: bool | None) -> list[ServiceState]:
+        listen_pid = self._listen_pid()
+        if quiet is None:
+            quiet = listen_pid is not None and self._quiet()
         limiters = [self._limiters[name] for name in self._services]
         rows = await self._pool.fetch(
             self._queries["fleet_heartbeat"],
@@ -163,7 +222,10 @@ class Fleet:
             [lim.increase_fraction for lim in limiters],
             self._dead_after_s,
             self._interval_s,
+            listen_pid,
+            self._quiet_live_s if quiet else None,
         )
+        self.quiet = quiet
         if rows and not rows[0]["registered"]:
             # Our row was deleted (pruned while this worker hung): count again from now on.
             log.warning("fleet_reregistered", worker_id=self._worker_id)

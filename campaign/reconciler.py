@@ -4,6 +4,8 @@ Each pass runs a few set-based statements (sql/queries/reconciler.sql): match ne
 to recipients and apply the winning report per recipient, mark long-unmatched reports
 orphaned, fail recipients whose final report never came, complete finished campaigns.
 Reports for recipients the sender has not finished with wait, durably, in state 'new'.
+A pass that finds nothing doubles the wait before the next, up to `[worker] idle_max_s`;
+`wake()` (a report stored or a batch taken in this process) brings it back to interval_s.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TypeVar
 import structlog
 
 from campaign import codes, db, metrics, reports, statuses
-from campaign.aio import sleep_or_stop
+from campaign.aio import IdleBackoff, wait_woken
 from campaign.config import PolicySettings, ReconcilerSettings, ServiceSettings
 
 log = structlog.get_logger(__name__)
@@ -117,9 +119,12 @@ class Reconciler:
         queries: Mapping[str, str],
         policy: PolicySettings | None = None,
         max_attempts: Mapping[str, int] | None = None,
+        idle_max_s: float = 0.0,
     ) -> None:
         self._pool = pool
         self._settings = settings
+        self._backoff = IdleBackoff(base_s=settings.interval_s, max_s=idle_max_s)
+        self._wake = asyncio.Event()
         self._policy = policy or PolicySettings()
         # Each service's max_attempts, and '*' for a campaign of a service this process
         # has no config for (a retry must not outlive the attempts the sender allows).
@@ -135,9 +140,16 @@ class Reconciler:
         self._after_id = 0
         self._last_sweep = -float("inf")
 
+    def wake(self) -> None:
+        """Reports or results are on their way: pass now, and every interval_s again."""
+        self._backoff.reset()
+        self._wake.set()
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Pass every interval_s until `stop` is set; again at once after a full pass."""
+        """Pass every interval_s (longer while idle) until `stop` is set; again at once
+        after a full pass."""
         while not stop.is_set():
+            self._wake.clear()
             try:
                 result = await self.run_once()
             except StepTimedOut as exc:
@@ -148,40 +160,56 @@ class Reconciler:
                 result = ReconcileResult()
             if result.full:
                 continue
-            await sleep_or_stop(stop, self._settings.interval_s)
+            wait_s = self._backoff.after(worked=result.did_work or result.reports_waiting > 0)
+            await wait_woken(self._wake, stop, wait_s)
 
     async def run_once(self) -> ReconcileResult:
-        """One pass: match, orphan, time out, complete. Each step commits on its own."""
+        """One pass: match, orphan, time out, complete. Outside a backlog, all of it is one
+        transaction (an idle pass is one commit); in a backlog, `parallel` matches commit on
+        their own and the sweeps, once per interval_s, together."""
         started = time.monotonic()
         s = self._settings
-        # Up to `parallel` match statements at once while a backlog waits: each takes the
-        # next reports not locked by another (SKIP LOCKED), so they split the work.
         after_id = self._after_id
-        outcomes = await asyncio.gather(
-            *(self._match(after_id) for _ in range(s.parallel if after_id else 1)),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        matches = [m for m in outcomes if not isinstance(m, BaseException)]
-        examined = sum(int(m["examined"]) for m in matches)
-        full = any(int(m["examined"]) >= s.batch_size for m in matches)
-        self._after_id = max(int(m["last_id"] or 0) for m in matches) if full else 0
-        # The sweeps look at every waiting report and running campaign; while a backlog is
-        # matched in full passes they run once per interval_s, not after every pass (the
-        # orphan sweep alone took a tenth of a 200,000-report backlog's time).
         orphans: list[db.Record] = []
         timed_out: list[db.Record] = []
         completed: list[db.Record] = []
-        if not full or started - self._last_sweep >= s.interval_s:
-            self._last_sweep = started
-            async with _step("pool_acquire", "sweeps"):
-                conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
-            try:
-                orphans, timed_out, completed = await self._sweep(conn)
-            finally:
-                await self._pool.release(conn)
+        if after_id:
+            # Up to `parallel` match statements at once while a backlog waits: each takes
+            # the next reports not locked by another (SKIP LOCKED), so they split the work.
+            outcomes = await asyncio.gather(
+                *(self._match(after_id) for _ in range(s.parallel)), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            matches = [m for m in outcomes if not isinstance(m, BaseException)]
+            full = any(int(m["examined"]) >= s.batch_size for m in matches)
+            # The sweeps look at every waiting report and running campaign; while a backlog
+            # is matched in full passes they run once per interval_s, not after every pass
+            # (the orphan sweep alone took a tenth of a 200,000-report backlog's time).
+            if not full or started - self._last_sweep >= s.interval_s:
+                self._last_sweep = started
+                async with self._connection("sweeps") as conn, conn.transaction():
+                    orphans, timed_out, completed = await self._sweep(conn)
+        else:
+            # Without a flush wait, as a backlog's matches (see _match): what the sweeps
+            # write is derived as well, a lost commit's timeouts and completions are found
+            # again by the next pass.
+            async with self._connection("reconcile_match_reports") as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                matches = [await self._match_on(conn, 0)]
+                full = int(matches[0]["examined"]) >= s.batch_size
+                if not full or started - self._last_sweep >= s.interval_s:
+                    self._last_sweep = started
+                    orphans, timed_out, completed = await self._sweep(conn)
+        # Committed: now counted and logged.
+        for match in matches:
+            metrics.count_final(dict(match["finals"]))
+            for delay_s in match["delays_s"]:
+                metrics.REPORT_DELAY_SECONDS.observe(delay_s)
+        examined = sum(int(m["examined"]) for m in matches)
+        self._after_id = max(int(m["last_id"] or 0) for m in matches) if full else 0
+        self._log_sweep(orphans, timed_out, completed)
 
         result = ReconcileResult(
             reports_examined=examined,
@@ -210,55 +238,91 @@ class Reconciler:
             )
         return result
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, statement: str) -> AsyncIterator[db.PoolConnection]:
+        """A pool connection for `statement`, waited for up to STEP_TIMEOUT_S."""
+        async with _step("pool_acquire", statement):
+            conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
+
     async def _match(self, after_id: int) -> db.Record:
-        """One match statement: up to batch_size new reports after `after_id`."""
-        s = self._settings
+        """One match statement in a backlog, in its own transaction."""
         # A match is derived data and needs no WAL flush of its own: should a crash lose
         # its commit, its reports are still 'new' (both writes are one statement) and the
         # next pass matches them again; any later durable commit (a sender's, the
         # receiver's) flushes it along, the WAL being one sequence.
-        async with _step("pool_acquire", "reconcile_match_reports"):
-            conn = await self._pool.acquire(timeout=STEP_TIMEOUT_S)
-        try:
-            async with conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit = off")
-                match = await self._bounded(
-                    conn,
-                    "reconcile_match_reports",
-                    conn.fetchrow(
-                        self._queries["reconcile_match_reports"],
-                        after_id,
-                        s.batch_size,
-                        self._codes,
-                        self._statuses,
-                        self._meanings,
-                        reports.OTHER_CODE_STATUS,
-                        list(self._policy.retry_codes),
-                        self._policy.retry_after_s,
-                        self._services,
-                        self._max_attempts,
-                        list(self._policy.suppress_codes),
-                        self._policy.suppress_days,
-                    ),
-                )
-        finally:
-            await self._pool.release(conn)
+        async with self._connection("reconcile_match_reports") as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            return await self._match_on(conn, after_id)
+
+    async def _match_on(self, conn: db.PoolConnection, after_id: int) -> db.Record:
+        """The match statement on `conn`: up to batch_size new reports after `after_id`."""
+        s = self._settings
+        match = await self._bounded(
+            conn,
+            "reconcile_match_reports",
+            conn.fetchrow(
+                self._queries["reconcile_match_reports"],
+                after_id,
+                s.batch_size,
+                self._codes,
+                self._statuses,
+                self._meanings,
+                reports.OTHER_CODE_STATUS,
+                list(self._policy.retry_codes),
+                self._policy.retry_after_s,
+                self._services,
+                self._max_attempts,
+                list(self._policy.suppress_codes),
+                self._policy.suppress_days,
+            ),
+        )
         assert match is not None
-        metrics.count_final(dict(match["finals"]))
-        for delay_s in match["delays_s"]:
-            metrics.REPORT_DELAY_SECONDS.observe(delay_s)
         return match
 
     async def _sweep(
         self, conn: db.PoolConnection
     ) -> tuple[list[db.Record], list[db.Record], list[db.Record]]:
-        """Orphan long-unmatched reports, time out silent recipients, complete campaigns."""
+        """Orphan long-unmatched reports, time out silent recipients, complete campaigns:
+        in the caller's transaction on `conn`."""
         s = self._settings
         orphans = await self._bounded(
             conn,
             "reconcile_orphan_reports",
             conn.fetch(self._queries["reconcile_orphan_reports"], s.orphan_after_s, s.batch_size),
         )
+        timed_out = await self._bounded(
+            conn,
+            "reconcile_report_timeout",
+            conn.fetch(self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size),
+        )
+        # Lock the campaigns that look finished, then look again with a fresh snapshot (each
+        # statement takes its own): a recipient inserted meanwhile is either seen by the
+        # second look or reopens the campaign once the lock is released (reconciler.sql).
+        finished = await self._bounded(
+            conn,
+            "reconcile_lock_finished_campaigns",
+            conn.fetch(self._queries["reconcile_lock_finished_campaigns"]),
+        )
+        completed: list[db.Record] = []
+        if finished:
+            completed = await self._bounded(
+                conn,
+                "reconcile_complete_campaigns",
+                conn.fetch(
+                    self._queries["reconcile_complete_campaigns"], [row["id"] for row in finished]
+                ),
+            )
+        return orphans, timed_out, completed
+
+    def _log_sweep(
+        self, orphans: list[db.Record], timed_out: list[db.Record], completed: list[db.Record]
+    ) -> None:
+        """What a committed sweep did."""
+        s = self._settings
         for row in orphans:
             log.warning(
                 "report_orphaned",
@@ -268,12 +332,6 @@ class Reconciler:
                 code=row["code"],
                 orphan_after_s=s.orphan_after_s,
             )
-
-        timed_out = await self._bounded(
-            conn,
-            "reconcile_report_timeout",
-            conn.fetch(self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size),
-        )
         metrics.count_final({"failed": sum(int(row["recipients"]) for row in timed_out)})
         for row in timed_out:
             log.warning(
@@ -283,25 +341,6 @@ class Reconciler:
                 report_timeout_s=s.report_timeout_s,
             )
 
-        # Lock the campaigns that look finished, then look again with a fresh snapshot, in
-        # one transaction: a recipient inserted meanwhile is either seen by the second look
-        # or reopens the campaign once the lock is released (reconciler.sql says why).
-        async with conn.transaction():
-            finished = await self._bounded(
-                conn,
-                "reconcile_lock_finished_campaigns",
-                conn.fetch(self._queries["reconcile_lock_finished_campaigns"]),
-            )
-            completed = []
-            if finished:
-                completed = await self._bounded(
-                    conn,
-                    "reconcile_complete_campaigns",
-                    conn.fetch(
-                        self._queries["reconcile_complete_campaigns"],
-                        [row["id"] for row in finished],
-                    ),
-                )
         for row in completed:
             counts: Mapping[str, int] = row["counts"]
             per_status = {status: int(counts.get(status, 0)) for status in statuses.FINAL}
@@ -323,7 +362,6 @@ class Reconciler:
                     recipients=recipients,
                     **per_status,
                 )
-        return orphans, timed_out, completed
 
     async def _bounded(self, conn: db.PoolConnection, statement: str, call: Awaitable[_T]) -> _T:
         """Await `call` (a statement on `conn`) for up to STEP_TIMEOUT_S; past that, take a

@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import ipaddress
 import zoneinfo
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -112,8 +112,10 @@ class GroupCommitter:
         group_max: int,
         timeout_s: float,
         stats: WebhookStats,
+        on_stored: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
+        self._on_stored = on_stored
         self._sql = sql
         self._group_max = group_max
         self._timeout_s = timeout_s
@@ -197,6 +199,8 @@ class GroupCommitter:
             log.info("webhook_store_recovered")
         self._stats.groups_committed += 1
         self._stats.reports_stored += stored
+        if stored and self._on_stored is not None:
+            self._on_stored()
         received = sum(len(w.reports) for w in group)
         metrics.REPORTS.labels("stored").inc(stored)
         metrics.REPORTS.labels("duplicate").inc(received - stored)
@@ -263,9 +267,12 @@ class WebhookServer:
         optout: OptOutSettings,
         queries: Mapping[str, str],
         regions: reports.OptOutRegions | None = None,
+        on_stored: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self._settings = settings
+        # Told after each group commit that stored a report (the reconciler's wake).
+        self._on_stored = on_stored
         self._optout = optout
         # None: no region, so a national-format number cannot opt out.
         self._regions = regions or reports.OptOutRegions()
@@ -357,6 +364,7 @@ class WebhookServer:
             group_max=self._settings.group_max,
             timeout_s=self._settings.store_timeout_s,
             stats=self.stats,
+            on_stored=self._on_stored,
         )
         task = asyncio.create_task(committer.run(), name="webhook-flusher")
         self._committer = committer

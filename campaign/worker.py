@@ -180,6 +180,16 @@ class Worker:
         )
         # The triggers that write campaign.events read this; written before any role runs.
         await write_event_settings(pool, queries, settings.events, self.worker_id)
+        reconciler = None
+        if self._roles.reconciler:
+            reconciler = Reconciler(
+                pool=pool,
+                settings=settings.reconciler,
+                queries=queries,
+                policy=settings.policy,
+                max_attempts={n: s.max_attempts for n, s in settings.services.items()},
+                idle_max_s=settings.worker.idle_max_s,
+            )
         if self._roles.webhooks:
             self.webhooks = WebhookServer(
                 pool=pool,
@@ -187,19 +197,13 @@ class Worker:
                 optout=settings.optout,
                 queries=queries,
                 regions=OptOutRegions.from_services(settings.services.values()),
+                on_stored=reconciler.wake if reconciler is not None else None,
             )
             await self.webhooks.start()
             self._role_started("webhooks")
         try:
             async with asyncio.TaskGroup() as tg:
-                if self._roles.reconciler:
-                    reconciler = Reconciler(
-                        pool=pool,
-                        settings=settings.reconciler,
-                        queries=queries,
-                        policy=settings.policy,
-                        max_attempts={n: s.max_attempts for n, s in settings.services.items()},
-                    )
+                if reconciler is not None:
                     tg.create_task(reconciler.run(self._stop), name="reconciler")
                     self._role_started("reconciler")
                 if settings.events.forward_url:
@@ -212,7 +216,7 @@ class Worker:
                     tg.create_task(self.forwarder.run(self._stop), name="forwarder")
                 tg.create_task(self._report_stats(pool, queries), name="stats")
                 if self._roles.sender:
-                    await self._send(pool, queries)
+                    await self._send(pool, queries, reconciler)
                 else:
                     await self._stop.wait()
         except Exception:
@@ -228,19 +232,42 @@ class Worker:
         log.info("worker_stopped", worker_id=self.worker_id, services_stopped=stopped)
         return 1 if self._drain and stopped else 0
 
-    async def _send(self, pool: db.Pool, queries: Mapping[str, str]) -> None:
+    async def _send(
+        self, pool: db.Pool, queries: Mapping[str, str], reconciler: Reconciler | None
+    ) -> None:
         """Producer, senders and recovery until stopped; unsent batches released at the end."""
         settings = self._settings
         lanes = {
             name: Lane(name=name, settings=service, queue_size=settings.producer.queue_size)
             for name, service in settings.services.items()
         }
+        # The fleet heartbeats quietly while the producer is idle; the producer has it
+        # heartbeat as a sending worker before its first claim after that.
+        fleet: Fleet | None = None
+
+        async def before_claim() -> None:
+            assert fleet is not None
+            await fleet.ready_to_send()
+
+        producer = Producer(
+            pool=pool,
+            queries=queries,
+            lanes=lanes,
+            settings=settings.producer,
+            worker_id=self.worker_id,
+            notify_url=notify_url(settings.webhooks.public_url, settings.webhooks.token),
+            policy=settings.policy,
+            idle_max_s=settings.worker.idle_max_s,
+            before_claim=before_claim,
+        )
         # Registered before the first claim, so every batch is sized to this worker's share.
         fleet = Fleet(
             pool=pool,
             queries=queries,
             worker_id=self.worker_id,
             limiters={name: lane.limiter for name, lane in lanes.items()},
+            quiet=lambda: producer.idle,
+            listen_pid=lambda: producer.listen_pid,
         )
         await fleet.join(self._stop)
         self.lanes = lanes
@@ -250,17 +277,16 @@ class Worker:
             services=settings.services,
             worker_id=self.worker_id,
             interval_s=settings.producer.recovery_interval_s,
+            idle_max_s=settings.worker.idle_max_s,
         )
         await recovery.run_once()
-        producer = Producer(
-            pool=pool,
-            queries=queries,
-            lanes=self.lanes,
-            settings=settings.producer,
-            worker_id=self.worker_id,
-            notify_url=notify_url(settings.webhooks.public_url, settings.webhooks.token),
-            policy=settings.policy,
-        )
+
+        def on_taken() -> None:
+            # A batch is on its way: its results, then its reports, follow.
+            producer.wake()
+            if reconciler is not None:
+                reconciler.wake()
+
         async with create_session(
             connections=sessions_needed(list(self.lanes.values()))
         ) as session:
@@ -273,7 +299,7 @@ class Worker:
                     api=settings.api,
                     producer=settings.producer,
                     worker_id=self.worker_id,
-                    on_taken=producer.wake,
+                    on_taken=on_taken,
                 )
                 for lane in self.lanes.values()
             ]

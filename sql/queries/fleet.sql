@@ -5,7 +5,9 @@
 -- name: fleet_register
 -- Join the fleet: insert this worker's row, or take over a row with this id whose worker
 -- is dead (a restart after a crash). No row comes back when a live worker already uses
--- the id: two processes with one id would each take a full share.
+-- the id: two processes with one id would each take a full share, and the first to stop
+-- would release the other's batches. Live as the fleet counts it (campaign.worker_live):
+-- a quiet worker with its LISTEN connection open keeps its id.
 -- $1 worker id, $2 services (text[]), $3 configured rate_per_s of each (float8[]),
 -- $4 seconds after which a silent worker counts as dead
 INSERT INTO campaign.workers AS w (worker_id, services, rates_per_s)
@@ -14,8 +16,11 @@ ON CONFLICT (worker_id) DO UPDATE
    SET services = EXCLUDED.services,
        rates_per_s = EXCLUDED.rates_per_s,
        started_at = now(),
-       heartbeat_at = now()
- WHERE w.heartbeat_at < now() - make_interval(secs => $4)
+       heartbeat_at = now(),
+       listen_pid = NULL,
+       listen_started_at = NULL,
+       quiet_until = NULL
+ WHERE NOT campaign.worker_live(w, $4)
 RETURNING w.started_at;
 
 -- name: fleet_heartbeat
@@ -28,14 +33,23 @@ RETURNING w.started_at;
 -- as one worker would, whichever worker proposes it.
 -- `registered` is false when this worker's row is gone (pruned while the worker hung):
 -- the caller registers again.
+-- A quiet heartbeat ($10 set: the worker holds and claims nothing) keeps the worker live
+-- for $10 seconds while its LISTEN connection ($9) is open (campaign.worker_live); a
+-- sending one ($10 NULL) is live for $7 seconds, as before.
 -- $1 worker id, $2 services (text[]), $3 configured rates (float8[]), $4 proposed factors
 -- (float8[], NULL for none), $5 increase intervals in seconds (float8[]), $6 increase steps (float8[]),
 -- $7 seconds after which a silent worker counts as dead, $8 heartbeat interval (others
 -- registered longer ago than that are `established_others`: they may be sending at a
--- larger share until their next heartbeat)
+-- larger share until their next heartbeat), $9 server pid of the LISTEN connection (NULL:
+-- not listening), $10 seconds a quiet worker stays live without a heartbeat (NULL: sending)
 WITH me AS (
     UPDATE campaign.workers
-       SET heartbeat_at = now()
+       SET heartbeat_at = now(),
+           listen_pid = $9::int,
+           listen_started_at = (SELECT a.backend_start
+                                  FROM pg_stat_activity a
+                                 WHERE a.pid = $9::int),
+           quiet_until = now() + make_interval(secs => $10::float8)
      WHERE worker_id = $1
     RETURNING worker_id
 ), proposed AS (
@@ -83,7 +97,7 @@ SELECT p.service,
         CROSS JOIN LATERAL unnest(w.services, w.rates_per_s) AS x(service, rate_per_s)
         WHERE w.worker_id <> $1
           AND x.service = p.service
-          AND w.heartbeat_at > now() - make_interval(secs => $7)
+          AND campaign.worker_live(w, $7)
  ) live
  ORDER BY p.service;
 

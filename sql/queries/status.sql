@@ -43,11 +43,12 @@ SELECT r.status, coalesce(r.dr_code, r.error_code, '') AS code, count(*) AS n,
  LIMIT $3;
 
 -- name: status_live_senders
--- How many sending workers are alive (heartbeat within $2 seconds) for service $1.
+-- How many sending workers are alive for service $1, as the fleet counts them
+-- (campaign.worker_live: heartbeat within $2 seconds, or quiet with its LISTEN open).
 -- $1 service $2 seconds
 SELECT count(*) AS n
   FROM campaign.workers w
- WHERE $1 = ANY(w.services) AND w.heartbeat_at > now() - make_interval(secs => $2);
+ WHERE $1 = ANY(w.services) AND campaign.worker_live(w, $2);
 
 -- name: status_send_window
 -- When a finished campaign's first and last destinations were accepted, for its average

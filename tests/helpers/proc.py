@@ -69,7 +69,7 @@ DEFAULTS: Mapping[str, Any] = {
     # that reads it finds the address in the `ops_started` event (`ops_url`).
     "ops": {"listen": "127.0.0.1:0"},
     "reconciler": {"interval_s": 0.1},
-    "worker": {"stats_interval_s": 0.5, "shutdown_grace_s": 10.0},
+    "worker": {"stats_interval_s": 0.5, "shutdown_grace_s": 10.0, "idle_max_s": 1.0},
     "logging": {"format": "json", "level": "info"},
 }
 

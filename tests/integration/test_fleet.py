@@ -15,7 +15,7 @@ from campaign import config, db
 from campaign.commands.prune import Pruner
 from campaign.fleet import Fleet, WorkerIdInUse
 from campaign.ratelimit import ServiceLimiter
-from tests.helpers.proc import Processes, write_config
+from tests.helpers.proc import Processes, wait_until, write_config
 from tests.helpers.seed import add_recipients, create_campaign, numbers
 
 
@@ -45,7 +45,11 @@ def member(
     *,
     dead_after_s: float = 3.0,
     heartbeat_interval_s: float = 0.01,
+    listener: asyncpg.Connection | None = None,
+    quiet: bool = False,
 ) -> Fleet:
+    """A fleet member; with `listener` its LISTEN connection, and `quiet` what its
+    producer says (nothing claimed, nothing held)."""
     return Fleet(
         pool=pool,
         queries=db.load_queries(),
@@ -53,7 +57,119 @@ def member(
         limiters=lims,
         heartbeat_interval_s=heartbeat_interval_s,
         dead_after_s=dead_after_s,
+        quiet=lambda: quiet,
+        listen_pid=lambda: listener.get_server_pid() if listener is not None else None,
     )
+
+
+async def gone(conn: asyncpg.Connection, pid: int) -> bool:
+    """The server process `pid` no longer shows in pg_stat_activity."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+
+async def test_a_quiet_worker_is_live_while_its_listen_connection_is_open(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, dsn: str
+) -> None:
+    listener = await db.connect(dsn)
+    pid = listener.get_server_pid()
+    quiet = member(pool, "quiet", limiters(), listener=listener, quiet=True)
+    other_lims = limiters()
+    other = member(pool, "other", other_lims)
+    try:
+        await quiet.join(asyncio.Event())
+        await other.join(asyncio.Event())
+        await quiet.heartbeat()
+        assert quiet.quiet
+        # Long past dead_after_s without a heartbeat: still counted (and keeps its id).
+        await conn.execute(
+            "UPDATE campaign.workers SET heartbeat_at = now() - interval '1 minute' "
+            "WHERE worker_id = 'quiet'"
+        )
+        assert [s.live_workers for s in await other.heartbeat()] == [2]
+        taken = await conn.fetchval(
+            db.load_queries()["fleet_register"], "quiet", ["default"], [3000.0], 3.0
+        )
+        assert taken is None
+        # A worker that hangs with its connection open: dropped once quiet_until passed.
+        await conn.execute(
+            "UPDATE campaign.workers SET quiet_until = now() - interval '1 second' "
+            "WHERE worker_id = 'quiet'"
+        )
+        assert [s.live_workers for s in await other.heartbeat()] == [1]
+        await quiet.heartbeat()
+        assert [s.live_workers for s in await other.heartbeat()] == [2]
+    finally:
+        await listener.close()
+    # Killed: its connection closes, and the others take its share at once.
+    await wait_until(lambda: gone(conn, pid), what="the LISTEN backend to exit")
+    assert [s.live_workers for s in await other.heartbeat()] == [1]
+    assert other_lims["default"].share == 1.0
+
+
+async def test_a_sending_worker_is_dead_once_its_listen_connection_closed(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, dsn: str
+) -> None:
+    listener = await db.connect(dsn)
+    pid = listener.get_server_pid()
+    sending = member(pool, "sending", limiters(), listener=listener, quiet=False)
+    other = member(pool, "other", limiters())
+    await sending.join(asyncio.Event())
+    await other.join(asyncio.Event())
+    await sending.heartbeat()
+    assert not sending.quiet
+    assert [s.live_workers for s in await other.heartbeat()] == [2]
+    await listener.close()
+    await wait_until(lambda: gone(conn, pid), what="the LISTEN backend to exit")
+    # Its heartbeat is fresh, but its process is gone: no need to wait dead_after_s.
+    assert [s.live_workers for s in await other.heartbeat()] == [1]
+
+
+async def test_a_quiet_worker_heartbeats_as_sending_before_its_first_claim(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, dsn: str
+) -> None:
+    listener = await db.connect(dsn)
+    try:
+        idle = True
+        fleet = Fleet(
+            pool=pool,
+            queries=db.load_queries(),
+            worker_id="waking",
+            limiters=limiters(),
+            quiet=lambda: idle,
+            listen_pid=listener.get_server_pid,
+        )
+        await fleet.join(asyncio.Event())
+        await fleet.heartbeat()
+        assert fleet.quiet
+        quiet_until = "SELECT quiet_until FROM campaign.workers WHERE worker_id = 'waking'"
+        assert await conn.fetchval(quiet_until) is not None
+        idle = False
+        before = await conn.fetchval(
+            "SELECT heartbeat_at FROM campaign.workers WHERE worker_id = 'waking'"
+        )
+        await fleet.ready_to_send()
+        assert not fleet.quiet
+        assert await conn.fetchval(quiet_until) is None
+        after = await conn.fetchval(
+            "SELECT heartbeat_at FROM campaign.workers WHERE worker_id = 'waking'"
+        )
+        assert after > before
+        # Already sending: nothing to do, no round trip.
+        await fleet.ready_to_send()
+        assert (
+            await conn.fetchval(
+                "SELECT heartbeat_at FROM campaign.workers WHERE worker_id = 'waking'"
+            )
+            == after
+        )
+        # Without a LISTEN connection nothing would keep it live: never quiet.
+        fleet_without = member(pool, "deaf", limiters(), quiet=True)
+        await fleet_without.join(asyncio.Event())
+        await fleet_without.heartbeat()
+        assert not fleet_without.quiet
+    finally:
+        await listener.close()
 
 
 async def test_register_heartbeat_and_deregister(pool: asyncpg.Pool) -> None:

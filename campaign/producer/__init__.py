@@ -5,6 +5,15 @@ notification delays work by one interval at most. Each service has its own bound
 queue (a `Lane`); a batch is claimed only for a service whose queue has room, so a slow
 service never holds up another and no claimed batch waits outside a queue.
 
+Idle: a pass that finds nothing (no batch claimed, none held) doubles the wait before the
+next, up to `[worker] idle_max_s`. NOTIFY only wakes, polling still runs, and an idle
+worker costs the database one transaction per poll (the sweeps, rows made due and a probe
+for due work, together). The backoff needs the LISTEN connection (without it polling is
+all there is) and never delays a lease renewal: while this worker holds a batch it polls
+every poll_interval_s, and only a claim, which ends the backoff, gives it one. Before a
+claim, `before_claim` lets the fleet heartbeat if it was quiet, so the batch is sized to
+a fresh share.
+
 Per recipient it normalises the number, drops opted-out numbers, holds back rows outside
 their local sending window (they wait, pending, for its opening: producer_release_due
 makes them claimable then, so waiting rows cost no claim), renders the text and
@@ -21,13 +30,14 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
 
 from campaign import codes, db, metrics, payload, sms, window
+from campaign.aio import IdleBackoff, wait_woken
 from campaign.batch import Batch, Lane
 from campaign.config import PolicySettings, ProducerSettings, ServiceSettings
 from campaign.prepare import (
@@ -39,6 +49,7 @@ from campaign.prepare import (
     normalise_all,
     prepare,
 )
+from campaign.producer.sweeps import SWEEP_CHUNK, Sweeps, sweep_all, sweep_chunk
 from campaign.statuses import MOSTLY_INVALID
 
 log = structlog.get_logger(__name__)
@@ -67,7 +78,6 @@ QUERIES = (
     "producer_mark_prepared",
     "producer_prune_reservations",
 )
-SWEEP_CHUNK = 10_000
 # How often claims start again from each campaign's first due row (see Producer._after).
 RESCAN_S = 10.0
 
@@ -252,8 +262,14 @@ class Producer:
         notify_url: str | None,
         policy: PolicySettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        idle_max_s: float = 0.0,
+        before_claim: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._pool = pool
+        self._backoff = IdleBackoff(base_s=settings.poll_interval_s, max_s=idle_max_s)
+        self._before_claim = before_claim
+        # The last pass found nothing to claim and this worker holds no batch.
+        self.idle = False
         self._policy = policy or PolicySettings()
         self._queries = db.require(queries, QUERIES)
         self._lanes = lanes
@@ -265,8 +281,9 @@ class Producer:
         self._listen_conn: db.PoolConnection | None = None
         self._last_sweep = -float("inf")
         self._last_renewal = -float("inf")
-        # Campaigns already reported as on an unknown service: one error line each.
-        self._reported_unknown: set[int] = set()
+        self._sweeps = Sweeps(
+            pool=pool, queries=self._queries, policy=self._policy, services=list(lanes)
+        )
         # Campaigns already warned about as mostly invalid: one warning each.
         self._warned_invalid: set[int] = set()
         # Per campaign, the highest recipient id claimed so far: the next claim starts
@@ -285,31 +302,69 @@ class Producer:
         try:
             while not stop.is_set():
                 await self._listen()
+                worked = True
                 try:
-                    if self._clock() - self._last_sweep >= self._settings.poll_interval_s:
-                        self._last_sweep = self._clock()
-                        await self.sweep()
                     if self._clock() - self._last_renewal >= self._settings.lease_s / 3:
                         self._last_renewal = self._clock()
                         await self.renew_leases()
-                    await self.fill(stop)
+                    sweep = self._clock() - self._last_sweep >= self._settings.poll_interval_s
+                    if sweep:
+                        self._last_sweep = self._clock()
+                    claimed = await self.fill(stop, sweep=sweep)
+                    worked = bool(claimed or self._holding())
                 except db.UNAVAILABLE_ERRORS as exc:
                     log.error("producer_failed", error=str(exc), error_type=type(exc).__name__)
-                await self._wait(stop)
+                self.idle = not worked
+                # Held batches (leases to renew) or no LISTEN (nothing would wake us): no
+                # backoff, whatever the pass found.
+                wait_s = self._backoff.after(worked=worked or not self._listening())
+                await wait_woken(self._wake, stop, wait_s)
         finally:
             await self._unlisten()
 
-    async def fill(self, stop: asyncio.Event | None = None) -> int:
+    def _holding(self) -> bool:
+        return any(lane.held for lane in self._lanes.values())
+
+    @property
+    def listen_pid(self) -> int | None:
+        """The server process of the LISTEN connection (None: not listening); the fleet
+        counts this worker live while it exists (fleet.py)."""
+        if not self._listening():
+            return None
+        assert self._listen_conn is not None
+        return int(self._listen_conn.get_server_pid())
+
+    async def fill(self, stop: asyncio.Event | None = None, *, sweep: bool = False) -> int:
         """Claim batches while a lane has room and work is due; returns batches claimed.
 
+        First, in one transaction: the sweeps (with `sweep`), rows whose wait is over made
+        due, and a probe for any due row on a lane with room; an idle pass ends there.
         The claim statement of the next batch runs in the database while this process
         checks the numbers and renders the texts of the one before. Only one claim
         statement runs at a time: two at once on one campaign would split its rows
         between them (SKIP LOCKED), sending small campaigns in several requests.
         """
         self._wake.clear()
-        if await self.release_due():
+        services = [name for name, lane in self._lanes.items() if lane.has_room()]
+        async with self._pool.acquire() as conn, conn.transaction():
+            swept = await self._sweeps.once(conn) if sweep else None
+            released = await sweep_chunk(conn, self._queries["producer_release_due"])
+            due = bool(services) and (
+                await conn.fetchrow(self._queries["producer_next_campaign"], services, [], {})
+                is not None
+            )
+        # Committed: claims (other statements) see the rows made due.
+        if released == SWEEP_CHUNK:
+            released += await sweep_all(self._pool, self._queries["producer_release_due"])
+        if swept is not None:
+            await self._sweeps.finish(swept)
+        if released:
             self._after.clear()  # the rows released may lie below a cursor
+        if not due:
+            return 0
+        self.idle = False
+        if self._before_claim is not None:
+            await self._before_claim()
         if self._clock() - self._rescanned >= RESCAN_S:
             self._rescanned = self._clock()
             self._after.clear()
@@ -502,10 +557,6 @@ class Producer:
             prepared=tuple(destinations),
         )
 
-    async def release_due(self) -> int:
-        """Rows whose retry backoff or sending window is over become claimable again."""
-        return await self._sweep("producer_release_due")
-
     async def renew_leases(self) -> int:
         """Extend the leases of batches still waiting here; returns how many were renewed.
 
@@ -523,81 +574,16 @@ class Producer:
 
     async def sweep(self) -> tuple[int, int]:
         """Cancelled and expired campaigns' pending rows get their final status; canaries
-        are judged and the failure brake applied."""
-        cancelled = await self._sweep("producer_cancel_pending")
-        expired = await self._sweep("producer_expire_pending")
-        if self._policy.max_per_msisdn:
-            await self._pool.execute(
-                self._queries["producer_prune_reservations"],
-                self._policy.cap_window_h,
-                SWEEP_CHUNK,
-            )
-        if cancelled or expired:
-            log.info("pending_swept", cancelled=cancelled, expired=expired)
-        await self._report_unknown_services()
-        await self.apply_brakes()
-        return cancelled, expired
+        are judged and the failure brake applied. One transaction (fill runs it as part
+        of its own); returns the rows cancelled and expired."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            swept = await self._sweeps.once(conn)
+        return await self._sweeps.finish(swept)
 
     async def apply_brakes(self) -> list[int]:
         """Judge canaries that are done and pause campaigns failing too much; returns the
         campaigns paused."""
-        paused: list[int] = []
-        for row in await self._pool.fetch(
-            self._queries["producer_judge_canaries"], self._policy.canary_wait_s
-        ):
-            if row["paused"]:
-                paused.append(row["id"])
-                self._log_paused(row["id"], "canary", row["paused_reason"])
-            else:
-                log.info(
-                    "campaign_canary_passed",
-                    campaign_id=row["id"],
-                    delivered=row["delivered"],
-                    failed=row["failed"],
-                )
-        for row in await self._pool.fetch(
-            self._queries["producer_brake_campaigns"], self._policy.failure_window
-        ):
-            paused.append(row["id"])
-            self._log_paused(row["id"], "brake", row["paused_reason"])
-        return paused
-
-    @staticmethod
-    def _log_paused(campaign_id: int, by: str, reason: str) -> None:
-        metrics.CAMPAIGNS_AUTO_PAUSED.labels(by=by).inc()
-        log.warning(
-            "campaign_auto_paused",
-            campaign_id=campaign_id,
-            by=by,
-            reason=reason,
-            hint="see `campaign status ID`; resume with `campaign resume ID` "
-            "(or status = 'ready') once the cause is fixed",
-        )
-
-    async def _report_unknown_services(self) -> None:
-        rows = await self._pool.fetch(
-            self._queries["producer_unknown_service_campaigns"], list(self._lanes)
-        )
-        for row in rows:
-            if row["id"] in self._reported_unknown:
-                continue
-            self._reported_unknown.add(row["id"])
-            log.error(
-                "campaign_service_unknown",
-                campaign_id=row["id"],
-                service=row["service"],
-                services=sorted(self._lanes),
-                hint="add [services.NAME] to the config or fix the campaign's service",
-            )
-
-    async def _sweep(self, name: str) -> int:
-        total = 0
-        while True:
-            status = await self._pool.execute(self._queries[name], SWEEP_CHUNK)
-            count = int(status.split()[-1])
-            total += count
-            if count < SWEEP_CHUNK:
-                return total
+        return await self._sweeps.apply_brakes()
 
     def _listening(self) -> bool:
         conn = self._listen_conn
@@ -641,17 +627,3 @@ class Producer:
 
     def _on_notify(self, *_args: object) -> None:
         self._wake.set()
-
-    async def _wait(self, stop: asyncio.Event) -> None:
-        """Until woken, stopped, or the poll interval passed."""
-        wake = asyncio.ensure_future(self._wake.wait())
-        halt = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait(
-                {wake, halt},
-                timeout=self._settings.poll_interval_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            wake.cancel()
-            halt.cancel()
