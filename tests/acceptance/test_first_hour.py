@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -270,8 +271,15 @@ def test_the_wheel_builds_without_warnings_and_ships_sql_and_page(tmp_path: Path
     """`make demo` installs the package: a setuptools warning there is the first thing a new
     user reads (issue 21), and a file missing from the wheel breaks an installed worker."""
     root = Path(__file__).resolve().parents[2]
+    # A copy: pip builds in the source tree and would leave build/ in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(
+        root,
+        source,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "results"),
+    )
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(root)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
