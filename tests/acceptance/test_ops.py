@@ -54,6 +54,24 @@ def _samples(text: str, name: str) -> dict[str, float]:
     return found
 
 
+async def _start_sender(
+    campaign_process: Processes, cfg: Path, dsn: str, port: int, name: str
+) -> CampaignProcess:
+    """A sending-only worker (no receiver, no reconciler) with its own ops address."""
+    return await campaign_process.start(
+        "worker",
+        "--worker-id",
+        name,
+        "--no-webhooks",
+        "--no-reconciler",
+        "--ops-listen",
+        f"127.0.0.1:{port}",
+        config=cfg,
+        dsn=dsn,
+        name=name,
+    )
+
+
 async def test_a_senders_lane_gauges_are_on_metrics_before_its_first_stats_turn(
     sim: Simulator, dsn: str, tmp_path: Path, campaign_process: Processes
 ) -> None:
@@ -65,16 +83,7 @@ async def test_a_senders_lane_gauges_are_on_metrics_before_its_first_stats_turn(
         webhooks=webhooks_at(free_port()),
         worker={"stats_interval_s": 3600},
     )
-    port = free_port()
-    sender = await campaign_process.start(
-        "worker",
-        "--no-webhooks",
-        "--no-reconciler",
-        "--ops-listen",
-        f"127.0.0.1:{port}",
-        config=cfg,
-        dsn=dsn,
-    )
+    sender = await _start_sender(campaign_process, cfg, dsn, free_port(), "sender")
     url = await sender.ops_url()
     await sender.wait_http(f"{url}/readyz")
     async with aiohttp.ClientSession() as http:
@@ -100,18 +109,7 @@ async def test_sender_only_workers_answer_health_ready_and_metrics(
     webhooks = await campaign_process.start("webhooks", config=cfg, dsn=dsn)
     ports = [free_port(), free_port()]
     senders: list[CampaignProcess] = [
-        await campaign_process.start(
-            "worker",
-            "--worker-id",
-            f"s{i}",
-            "--no-webhooks",
-            "--no-reconciler",
-            "--ops-listen",
-            f"127.0.0.1:{port}",
-            config=cfg,
-            dsn=dsn,
-            name=f"sender{i}",
-        )
+        await _start_sender(campaign_process, cfg, dsn, port, f"sender{i}")
         for i, port in enumerate(ports)
     ]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
