@@ -511,11 +511,16 @@ async def test_rate_limit_is_held_at_the_server(api, conn, dsn) -> None:
     assert await drain(settings, dsn) == 0
     assert await statuses(conn, cid) == {"queued": 800}
 
+    # The limiter grants at most rate x W plus one batch in any window of W seconds
+    # (docs/scaling.md). A sender holding a grant still marks its batch posting in the
+    # database before the POST, so a database stall there delays up to max_in_flight
+    # granted batches into the next window: that is what the server can see.
+    in_flight = settings.services["default"].max_in_flight
     arrivals = sorted(api.arrivals())
     for window_s in (1.0, 2.0):
         for start, _ in arrivals:
             sent = sum(n for t, n in arrivals if start <= t < start + window_s)
-            assert sent <= rate * window_s + batch, (window_s, start, sent)
+            assert sent <= rate * window_s + batch + in_flight * batch, (window_s, start, sent)
     # 800 destinations at 200/s, of which one batch may go at once.
     assert arrivals[-1][0] - arrivals[0][0] >= (800 - batch) / rate - 0.1
 
