@@ -304,9 +304,7 @@ class Producer:
                 await self._listen()
                 worked = True
                 try:
-                    if self._clock() - self._last_renewal >= self._settings.lease_s / 3:
-                        self._last_renewal = self._clock()
-                        await self.renew_leases()
+                    await self._renew_if_due()
                     sweep = self._clock() - self._last_sweep >= self._settings.poll_interval_s
                     if sweep:
                         self._last_sweep = self._clock()
@@ -321,6 +319,14 @@ class Producer:
                 await wait_woken(self._wake, stop, wait_s)
         finally:
             await self._unlisten()
+
+    async def _renew_if_due(self) -> None:
+        """Renew held leases every lease_s / 3: from the run loop, and between the claims
+        of a fill pass, which a lane with room keeps going while another lane's batches
+        wait (a fast service beside a slow one)."""
+        if self._clock() - self._last_renewal >= self._settings.lease_s / 3:
+            self._last_renewal = self._clock()
+            await self.renew_leases()
 
     def _holding(self) -> bool:
         return any(lane.held for lane in self._lanes.values())
@@ -386,6 +392,7 @@ class Producer:
                 finally:
                     current.lane.claiming -= 1
                 claimed += 1
+                await self._renew_if_due()
         finally:
             if ahead is not None:
                 # This pass failed or was cancelled: rows the next claim took are left

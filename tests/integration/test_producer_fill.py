@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -145,3 +146,42 @@ async def test_a_row_behind_the_cursor_is_found_when_nothing_is_left_ahead(
     [lane.queue.get_nowait() for _ in range(2)]
     assert await producer.fill() == 1
     assert lane.queue.get_nowait().recipient_ids == (ids[5],)
+
+
+async def test_a_long_fill_pass_renews_the_leases_of_batches_waiting_on_another_lane(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fast lane keeps one fill pass claiming while a slow lane's batch waits in its
+    # queue: the pass itself renews that lease every lease_s / 3, or recovery would take
+    # the batch back from under the slow lane (production: lease_s 120 s, a pass over a
+    # million-recipient campaign on the fast lane).
+    slow_cid = await create_campaign(conn, service="slow", priority=3)
+    await add_recipients(conn, slow_cid, numbers(10))
+    fast_cid = await create_campaign(conn, service="fast", priority=1)
+    await add_recipients(conn, fast_cid, numbers(100, start=1000))
+    service = config.ServiceSettings(key="k", sender_id="S", rate_per_s=1000.0, batch_size=10)
+    slow = Lane(name="slow", settings=service, queue_size=1)
+    fast = Lane(name="fast", settings=service, queue_size=20)
+    lease_s = 3.0
+    producer = Producer(
+        pool=pool,
+        queries=db.load_queries(),
+        lanes={"slow": slow, "fast": fast},
+        settings=config.ProducerSettings(queue_size=20, lease_s=lease_s),
+        worker_id="w1",
+        notify_url=None,
+    )
+    real_claim = producer_module.claim_batch
+
+    async def slow_claim(*args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.5)  # eleven claims: the pass outlasts the lease
+        return await real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(producer_module, "claim_batch", slow_claim)
+    started = time.monotonic()
+    assert await producer.fill() == 11
+    assert time.monotonic() - started > lease_s
+    (waiting,) = slow.held
+    assert await conn.fetchval(
+        "SELECT lease_until > now() FROM campaign.batches WHERE id = $1", waiting
+    )
