@@ -767,18 +767,21 @@ async def test_sigkill_mid_batch_leaves_nothing_stuck_after_restart(
 
 
 async def test_batches_waiting_longer_than_their_lease_keep_it(api, conn, dsn) -> None:
-    # Four queued batches of 20 at 40/s are two seconds of work, four leases long: without
-    # renewal, recovery would take waiting batches back and every claim would be lost again.
+    # Ten batches of 10 at 10/s, eight queued: the last waits about nine seconds, four and
+    # a half leases of 2 s. Without renewal, recovery would take waiting batches back and
+    # every claim would be lost again. Renewals run every lease_s / 3, so a process stalled
+    # for over a second (a 0.5 s lease once ran out beside two CPU hogs and two other test
+    # suites) still keeps its leases.
     cid = await create_campaign(conn)
-    await add_recipients(conn, cid, numbers(200))
+    await add_recipients(conn, cid, numbers(100))
     settings = make_settings(
         api.base_url,
-        service={"rate_per_s": 40.0, "batch_size": 20, "max_in_flight": 1},
-        producer={"lease_s": 0.5, "queue_size": 4},
+        service={"rate_per_s": 10.0, "batch_size": 10, "max_in_flight": 1},
+        producer={"lease_s": 2.0, "queue_size": 8},
     )
     with capture_logs() as logs:
         assert await drain(settings, dsn) == 0
     assert events(logs, "batch_lease_lost") == []
-    assert await statuses(conn, cid) == {"queued": 200}
-    assert api.destinations() == 200
+    assert await statuses(conn, cid) == {"queued": 100}
+    assert api.destinations() == 100
     assert set(await batch_statuses(conn)) == {"done"}
