@@ -107,7 +107,7 @@ async def submit_capped(ctx: Context) -> Result:
     )
 
 
-STAGES: dict[str, Callable[[Context], Awaitable[Result]]] = {
+STAGES: dict[str, Callable[[Context], Awaitable[stages.StageResult]]] = {
     **stages.STAGES,
     "check": check,
     "submit_capped": submit_capped,
