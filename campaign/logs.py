@@ -113,6 +113,11 @@ def formatter(
     )
 
 
+def debug_enabled() -> bool:
+    """Whether debug events are written: a hot path asks before it builds one."""
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def install(handlers: Iterable[logging.Handler], *, level: str = "info") -> None:
     """Send structlog and the standard library to `handlers`, each with its own formatter
     and level; events below `level` are dropped before any handler sees them."""
