@@ -80,6 +80,10 @@ QUERIES = (
 )
 # How often claims start again from each campaign's first due row (see Producer._after).
 RESCAN_S = 10.0
+# How far below a batch's lowest id the duplicate rule looks for pending rows to decide
+# first (claims of other workers not committed yet lie just below; rows given back far
+# below are decided when they are claimed again). sql/queries/producer.sql says why.
+UNDECIDED_SPAN = 20_000
 
 
 @dataclass(slots=True)
@@ -189,7 +193,11 @@ async def prepare_batch(
     if not guards.allow_duplicates:
         await conn.execute(queries["producer_lock_campaign_numbers"], campaign.id)
         below = await conn.fetch(
-            queries["producer_unregistered_below"], campaign.id, max(r.id for r in rows), batch_id
+            queries["producer_unregistered_below"],
+            campaign.id,
+            max(r.id for r in rows),
+            batch_id,
+            min(r.id for r in rows) - UNDECIDED_SPAN,
         )
         if below:
             others = [claimed_row(r, foreign=True) for r in below]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
 
 from campaign import config, db
+from campaign import producer as producer_module
 from campaign.batch import Lane
 from campaign.prepare import normalise_all
 from campaign.producer import Producer, claimed_row, prepare_batch
@@ -122,6 +124,34 @@ async def test_the_lowest_id_wins_when_a_later_batch_is_prepared_first(
     assert got[ids[2]]["status"] == "sending"
     queued = [low_worker._lanes["default"].queue.get_nowait()]
     assert ids[2] in queued[0].recipient_ids
+
+
+async def test_a_pending_row_far_below_a_batch_is_decided_when_claimed_never_sent_twice(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The duplicate rule looks for undecided rows only UNDECIDED_SPAN ids below a batch:
+    # looking further walked the index entries of every row the campaign had sent. A row
+    # given back far below (its claim's worker died) does not own its number then; the
+    # batch that claims it later finds the number taken. One text either way.
+    monkeypatch.setattr(producer_module, "UNDECIDED_SPAN", 5)
+    cid = await create_campaign(conn)
+    ids = await add_recipients(conn, cid, [SAME[0], *numbers(20, start=10), SAME[1]])
+    worker = make_producer(pool, batch_size=10)
+    worker._after[cid] = ids[15]  # its cursor is ten rows past the row given back
+    first = await worker._claim_next(None, [])
+    assert first is not None and ids[-1] in {r["id"] for r in first.records}
+    await worker._check_and_queue(first)
+    got = await rows(conn, cid)
+    assert got[ids[-1]]["status"] == "sending"
+    assert got[ids[0]]["status"] == "pending"
+
+    worker._after.clear()
+    second = await worker._claim_next(None, [])
+    assert second is not None and ids[0] in {r["id"] for r in second.records}
+    await worker._check_and_queue(second)
+    got = await rows(conn, cid)
+    assert got[ids[0]]["status"] == "duplicate"
+    assert f"recipient {ids[-1]}" in got[ids[0]]["error_message"]
 
 
 async def test_two_workers_at_once_send_each_number_once(
