@@ -363,10 +363,7 @@ class Producer:
         async with self._pool.acquire() as conn, conn.transaction():
             swept = await self._sweeps.once(conn) if sweep else None
             released = await sweep_chunk(conn, self._queries["producer_release_due"])
-            due = bool(services) and (
-                await conn.fetchrow(self._queries["producer_next_campaign"], services, [], {})
-                is not None
-            )
+            due = bool(services) and await self._any_due(conn, services)
         # Committed: claims (other statements) see the rows made due.
         if released == SWEEP_CHUNK:
             released += await sweep_all(self._pool, self._queries["producer_release_due"])
@@ -411,6 +408,18 @@ class Producer:
                     if leftover is not None:
                         leftover.lane.claiming -= 1
         return claimed
+
+    async def _any_due(self, conn: db.PoolConnection, services: list[str]) -> bool:
+        """Whether a row is due on one of `services`: probed from this worker's claim
+        cursors first (from each campaign's first row, the probe walks the index entries
+        of every row already sent, dead until vacuumed: 0.1-0.5 s a pass, 2 million rows
+        into a campaign), and from the start only when nothing is due above them."""
+        query = self._queries["producer_next_campaign"]
+        if self._after:
+            after = {str(cid): rid for cid, rid in self._after.items()}
+            if await conn.fetchrow(query, services, [], after) is not None:
+                return True
+        return await conn.fetchrow(query, services, [], {}) is not None
 
     async def _claim_next(self, stop: asyncio.Event | None, skip: list[int]) -> _Claim | None:
         """The next due batch's rows, claimed, with a place kept for it in its lane's queue."""
