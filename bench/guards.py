@@ -7,12 +7,18 @@ check          `campaign check` over a draft campaign of distinct numbers (1,000
 submit_capped  the submit stage with `[policy] max_per_msisdn` configured (no number
                reaches it: every row pays the locks, the count and the reservation);
                ceiling: the raw submit loop, as for submit.
+submit_windowed  the submit stage with a sending window on the campaign, open now in the
+               recipients' zone (every row pays the local-time check, none waits).
+submit_nodup   the submit stage with `allow_duplicates` on the campaign: the duplicate
+               rule (on in submit, as by default) off, so the pair prices it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from bench import harness, stages
 from bench.harness import SERVICE, SERVICE_KEY, Context, Result
@@ -107,8 +113,37 @@ async def submit_capped(ctx: Context) -> Result:
     )
 
 
+# The bench's numbers (+91 98...) have one zone.
+BENCH_ZONE = ZoneInfo("Asia/Kolkata")
+
+
+async def submit_windowed(ctx: Context) -> Result:
+    # Open from three hours ago to three hours ahead, local time: a whole run sends in it.
+    now = datetime.now(UTC).astimezone(BENCH_ZONE).replace(second=0, microsecond=0)
+    start, end = (now - timedelta(hours=3)).time(), (now + timedelta(hours=3)).time()
+    return await stages.submit_stage(
+        ctx,
+        stage="submit_windowed",
+        simulator="simulator-windowed",
+        notes=f"window {start:%H:%M}-{end:%H:%M} Asia/Kolkata, open for every row",
+        campaign={"window_start": start, "window_end": end},
+    )
+
+
+async def submit_nodup(ctx: Context) -> Result:
+    return await stages.submit_stage(
+        ctx,
+        stage="submit_nodup",
+        simulator="simulator-nodup",
+        notes="allow_duplicates = true: the duplicate rule off",
+        campaign={"allow_duplicates": True},
+    )
+
+
 STAGES: dict[str, Callable[[Context], Awaitable[stages.StageResult]]] = {
     **stages.STAGES,
     "check": check,
     "submit_capped": submit_capped,
+    "submit_windowed": submit_windowed,
+    "submit_nodup": submit_nodup,
 }

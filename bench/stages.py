@@ -16,6 +16,8 @@ e2e        recipients inserted -> all final with one report each: the simulator 
            submit, durable ingest and reconcile ceilings (the raw paths one after the other),
            measured by this stage when the run has not measured them already.
 e2e100     the same with 100 reports per callback POST: informational, no target.
+e2e100_noevents  e2e100 with the event outbox off ([events] enabled = false): the pair
+           gives the cost of the events (issue 16).
 memory     RSS of a `campaign worker` process sending a large campaign; ceiling: its RSS
            idle.
 latency    insert of a ready campaign -> first request at the simulator, p50 / p99;
@@ -35,7 +37,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +74,15 @@ async def _wait_for(
 
 
 async def submit_pipeline(
-    dsn: str, base_url: str, n: int, *, policy: config.PolicySettings | None = None
+    dsn: str,
+    base_url: str,
+    n: int,
+    *,
+    policy: config.PolicySettings | None = None,
+    campaign: Mapping[str, object] | None = None,
 ) -> float:
-    """Seconds for the product's producer and senders to send `n` pending recipients."""
+    """Seconds for the product's producer and senders to send `n` pending recipients;
+    `campaign`: columns of the campaign to set before it is sent (a policy of its own)."""
     service = config.ServiceSettings(
         key=SERVICE_KEY, sender_id="BENCH", rate_per_s=1_000_000.0, batch_size=1000
     )
@@ -83,7 +91,16 @@ async def submit_pipeline(
     pool = await db.create_pool(dsn, min_size=2, max_size=10)
     try:
         async with pool.acquire() as conn:
-            await harness.seed_recipients(conn, count=n)
+            campaign_id = await harness.seed_recipients(conn, count=n, status="draft")
+            columns = dict(campaign or {})
+            assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
+            await conn.execute(
+                "UPDATE campaign.campaigns SET status = 'ready'"
+                + (f", {assignments}" if assignments else "")
+                + " WHERE id = $1",
+                campaign_id,
+                *columns.values(),
+            )
         lane = Lane(name=SERVICE, settings=service, queue_size=producer_settings.queue_size)
         producer = Producer(
             pool=pool,
@@ -213,6 +230,7 @@ async def submit_stage(
     simulator: str,
     notes: str,
     policy: config.PolicySettings | None = None,
+    campaign: Mapping[str, object] | None = None,
 ) -> Result:
     """Rounds of the product's then the raw loop's sending of ctx.sizes.submit recipients,
     each from a freshly reset database to one simulator process; the best of each."""
@@ -223,7 +241,9 @@ async def submit_stage(
     async with harness.running(sim):
         for _ in range(ctx.sizes.rounds):
             await harness.reset(ctx.dsn)
-            pipeline_runs.append(await submit_pipeline(ctx.dsn, base_url, n, policy=policy))
+            pipeline_runs.append(
+                await submit_pipeline(ctx.dsn, base_url, n, policy=policy, campaign=campaign)
+            )
             await harness.reset(ctx.dsn)
             raw_runs.append(await submit_raw(ctx.dsn, base_url, n))
     pipeline_s, raw_s = min(pipeline_runs), min(raw_runs)
@@ -594,7 +614,12 @@ async def reconcile(ctx: Context) -> Result:
 
 @contextlib.asynccontextmanager
 async def _product(
-    ctx: Context, name: str, *, flags: tuple[str, ...] = (), sim_settings: tuple[str, ...] = ()
+    ctx: Context,
+    name: str,
+    *,
+    flags: tuple[str, ...] = (),
+    sim_settings: tuple[str, ...] = (),
+    events: bool | None = None,
 ) -> Any:
     """The simulator and a `campaign worker` (with `flags`), both started and idle."""
     sim, base_url = await harness.start_simulator(
@@ -602,7 +627,10 @@ async def _product(
     )
     async with harness.running(sim):
         cfg = harness.write_config(
-            ctx.work_dir / f"{name}.toml", base_url=base_url, webhooks_port=harness.free_port()
+            ctx.work_dir / f"{name}.toml",
+            base_url=base_url,
+            webhooks_port=harness.free_port(),
+            events=events,
         )
         worker = await harness.spawn(
             f"worker-{name}",
@@ -691,13 +719,21 @@ async def e2e100(ctx: Context) -> Result:
     return await _e2e(ctx, per_post=100)
 
 
-async def _e2e(ctx: Context, *, per_post: int) -> Result:
+async def e2e100_noevents(ctx: Context) -> Result:
+    """Informational: e2e100 with the event outbox off, so the pair prices the events."""
+    return await _e2e(ctx, per_post=100, events=False)
+
+
+async def _e2e(ctx: Context, *, per_post: int, events: bool | None = None) -> Result:
     n = ctx.sizes.e2e
     ceiling, measured = await derived_ceiling(ctx, per_post=per_post)
     await harness.reset(ctx.dsn)
     sim_settings = (f"dr_batch_size={per_post}", "dr_delay_min_s=0.1", "dr_delay_max_s=1.0")
-    name = "e2e" if per_post == 1 else f"e2e{per_post}"
-    async with _product(ctx, name, sim_settings=sim_settings) as (worker, base_url):
+    name = ("e2e" if per_post == 1 else f"e2e{per_post}") + ("_noevents" if events is False else "")
+    async with _product(ctx, name, sim_settings=sim_settings, events=events) as (
+        worker,
+        base_url,
+    ):
         sim = worker.peer
         assert sim is not None
         conn = await db.connect(ctx.dsn)
@@ -737,6 +773,7 @@ async def _e2e(ctx: Context, *, per_post: int) -> Result:
     r = harness.ratio(figure, ceiling)
     notes = (
         f"insert committed -> campaign completed; DRs {per_post} per POST, 0.1-1 s late; "
+        f"events {'off' if events is False else 'on'}; "
         f"CPU per message: worker {cpu_us['worker']:.0f} us, simulator "
         f"{cpu_us['simulator']:.0f} us"
     ) + (f"; ceilings measured here: {', '.join(measured)}" if measured else "")
@@ -1156,6 +1193,7 @@ STAGES: dict[str, Callable[[Context], Awaitable[StageResult]]] = {
     "reconcile": reconcile,
     "e2e": e2e,
     "e2e100": e2e100,
+    "e2e100_noevents": e2e100_noevents,
     "memory": memory,
     "latency": latency,
     "idle": idle,
