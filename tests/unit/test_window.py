@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time
 
+import phonenumbers
 import pytest
 
 from campaign import prepare, window
@@ -46,6 +47,46 @@ def test_zones_of_a_number() -> None:
     # No zone in the data: the service's default.
     assert zones_of("+447700900123", "Europe/Dublin") == ("Europe/Dublin",)
     assert zones_of("+447700900123") == ("UTC",)
+
+
+def example_numbers() -> list[str]:
+    """phonenumbers' example number of every type in every region: valid numbers of
+    every country, geographic and not."""
+    found = set()
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for kind in range(12):
+            number = phonenumbers.example_number_for_type(region, kind)
+            if number is not None and phonenumbers.is_valid_number(number):
+                found.add(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+    return sorted(found)
+
+
+def test_the_country_shortcut_answers_as_phonenumbers_does_for_every_example_number() -> None:
+    numbers = example_numbers()
+    assert len(numbers) > 900
+    shortcut = 0
+    for e164 in numbers:
+        slow = window._zones_of_parsed(e164, "Europe/Dublin")
+        assert zones_of(e164, "Europe/Dublin") == slow, e164
+        country = window._country_code(e164)
+        assert country is not None and e164.startswith("+" + country)
+        shortcut += window._country_zones(country) is not None
+    # Most numbers take the shortcut; the test compares both paths for them.
+    assert shortcut > len(numbers) // 2
+
+
+def test_a_one_zone_country_is_answered_without_parsing_the_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_parse(*args: object) -> None:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(window.phonenumbers, "parse", no_parse)
+    assert zones_of("+919812345670") == ("Asia/Calcutta",)
+    assert zones_of("+4915112345678") == ("Europe/Berlin",)
+    # Countries whose zones depend on the number still parse it.
+    with pytest.raises(AssertionError, match="parsed"):
+        zones_of("+15550000042")
 
 
 def test_three_countries_at_nine_utc() -> None:
