@@ -57,6 +57,31 @@ def window_sums(windows: dict[int, int], first: int, last: int, width: int) -> l
     ]
 
 
+async def explain_duplicates(
+    conn: asyncpg.Connection, campaign_id: int, msisdns: list[str], procs: list[CampaignProcess]
+) -> str:
+    """What the ledger and the logs say about msisdns the simulator accepted twice."""
+    rows = await conn.fetch(
+        "SELECT r.id, r.msisdn, r.status, r.attempts, r.batch_id, r.transid, r.error_code,"
+        "       b.worker_id, b.status AS batch_status, b.error_code AS batch_error"
+        "  FROM campaign.recipients r LEFT JOIN campaign.batches b ON b.id = r.batch_id"
+        " WHERE r.campaign_id = $1 AND ltrim(r.msisdn_e164, '+') = ANY($2::text[])"
+        " ORDER BY r.id LIMIT 5",
+        campaign_id,
+        [m.lstrip("+") for m in msisdns],
+    )
+    batches = {r["batch_id"] for r in rows}
+    events = [
+        f"{p.name}: {e}"
+        for p in procs
+        for e in p.events()
+        if e.get("batch_id") in batches or e.get("level") in ("warning", "error")
+    ]
+    return "\n".join(
+        [f"{len(msisdns)} msisdns accepted twice", *map(str, map(dict, rows)), *events[:60]]
+    )
+
+
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
     config = SimulatorConfig(
@@ -175,6 +200,8 @@ async def test_three_workers_hold_one_rate_and_share_a_dead_workers_part(
     # The same ledger as one worker: every recipient final and delivered, each msisdn
     # accepted exactly once.
     assert await statuses(conn, campaign_id) == {"delivered": RECIPIENTS}
+    twice = [m for m, n in sim.stats()["msisdns"].items() if n > 1]
+    assert not twice, await explain_duplicates(conn, campaign_id, twice, [*workers, webhooks])
     assert stats["destinations"]["accepted"] == RECIPIENTS
     assert stats["destinations"]["distinct_msisdns"] == RECIPIENTS
     assert stats["destinations"]["duplicate_msisdns"] == 0
