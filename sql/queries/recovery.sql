@@ -75,6 +75,11 @@ SELECT (SELECT count(*) FROM closed) AS batches,
 -- Recipients of one service left 'unknown' (in doubt) for $2 seconds without a delivery
 -- report resolving them: back to 'pending' to be sent again, or 'failed' when the service
 -- says on_timeout = "fail" or their attempts are used up. Bounded per call.
+-- A row whose report has arrived but waits to be matched ('new', found by correlation id
+-- as the reconciler finds it) is left to the reconciler: the report proves the API took
+-- the message, so a reconciler running late must not turn into a second send. The grace
+-- is the time for a report to arrive, not for a pass to get to it. The anti-join reads
+-- only the waiting reports (delivery_reports_new_idx), hashed once per call.
 -- $1 service, $2 seconds to wait for a report, $3 fail instead of resend (bool),
 -- $4 max attempts, $5 maximum rows
 WITH due AS (
@@ -83,6 +88,10 @@ WITH due AS (
       JOIN campaign.recipients r ON r.campaign_id = c.id AND r.status = 'unknown'
      WHERE c.service = $1
        AND r.updated_at <= now() - make_interval(secs => $2)
+       AND NOT EXISTS (
+            SELECT 1
+              FROM campaign.delivery_reports d
+             WHERE d.state = 'new' AND d.correlation_id = r.correlation_id)
      LIMIT $5
        FOR UPDATE OF r SKIP LOCKED
 )

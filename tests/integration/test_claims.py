@@ -592,6 +592,42 @@ async def test_resolve_unknown_waits_for_the_grace_period(conn, q) -> None:
     )
 
 
+async def test_resolve_unknown_leaves_rows_whose_report_waits_to_be_matched(conn, q) -> None:
+    """A report that has arrived (by correlation id) proves the API took the message: the
+    row is the reconciler's to settle, however late its pass, never sent again."""
+    cid = await _unknown_rows(conn, q, 3)
+    ids = await conn.fetch(
+        "SELECT id, correlation_id FROM campaign.recipients WHERE campaign_id = $1 ORDER BY id",
+        cid,
+    )
+    # The first row's report waits ('new'); the second's was already orphaned (it no
+    # longer will be matched); the third has none.
+    for row, state in ((ids[0], "new"), (ids[1], "orphaned")):
+        await conn.execute(
+            "INSERT INTO campaign.delivery_reports (correlation_id, code, state, raw) "
+            "VALUES ($1, '7000', $2, '{}')",
+            row["correlation_id"],
+            state,
+        )
+    await conn.execute(
+        "UPDATE campaign.recipients SET updated_at = now() - interval '61 seconds' "
+        "WHERE campaign_id = $1",
+        cid,
+    )
+    rows = await conn.fetch(q["recovery_resolve_unknown"], "default", 60.0, False, 5, 100)
+    assert len(rows) == 2
+    left = await conn.fetch(
+        "SELECT id, status FROM campaign.recipients WHERE campaign_id = $1 ORDER BY id", cid
+    )
+    assert [r["status"] for r in left] == ["unknown", "pending", "pending"]
+    # Told to fail rather than resend, the same row still waits for its report.
+    await conn.fetch(q["recovery_resolve_unknown"], "default", 0.0, True, 5, 100)
+    assert (
+        await conn.fetchval("SELECT status FROM campaign.recipients WHERE id = $1", ids[0]["id"])
+        == "unknown"
+    )
+
+
 async def test_resolve_unknown_fails_when_told_or_out_of_attempts(conn, q) -> None:
     exhausted = await _unknown_rows(conn, q, 2, attempts=5)
     rows = await conn.fetch(q["recovery_resolve_unknown"], "default", 0.0, False, 5, 100)
