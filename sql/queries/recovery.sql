@@ -78,8 +78,8 @@ SELECT (SELECT count(*) FROM closed) AS batches,
 -- A row whose report has arrived but waits to be matched ('new', found by correlation id
 -- as the reconciler finds it) is left to the reconciler: the report proves the API took
 -- the message, so a reconciler running late must not turn into a second send. The grace
--- is the time for a report to arrive, not for a pass to get to it. The anti-join reads
--- only the waiting reports (delivery_reports_new_idx), hashed once per call.
+-- is the time for a report to arrive, not for a pass to get to it. One probe of
+-- delivery_reports_new_correlation_idx per row (migration 0009).
 -- $1 service, $2 seconds to wait for a report, $3 fail instead of resend (bool),
 -- $4 max attempts, $5 maximum rows
 WITH due AS (
@@ -88,10 +88,14 @@ WITH due AS (
       JOIN campaign.recipients r ON r.campaign_id = c.id AND r.status = 'unknown'
      WHERE c.service = $1
        AND r.updated_at <= now() - make_interval(secs => $2)
+       -- COLLATE: recipients.correlation_id is "C", the reports' column the default; without
+       -- it the two collations conflict, the index is not usable and each row scanned every
+       -- waiting report (3,000 rows in doubt x 50,000 waiting: 105 s instead of 0.1 s).
        AND NOT EXISTS (
             SELECT 1
               FROM campaign.delivery_reports d
-             WHERE d.state = 'new' AND d.correlation_id = r.correlation_id)
+             WHERE d.state = 'new'
+               AND d.correlation_id = r.correlation_id COLLATE "default")
      LIMIT $5
        FOR UPDATE OF r SKIP LOCKED
 )
