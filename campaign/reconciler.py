@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -54,6 +54,7 @@ class StepTimedOut(TimeoutError):
         activity: list[dict[str, object]] | None = None,
         backend_pid: int | None = None,
         loop_late_s: float | None = None,
+        plan: list[str] | str | None = None,
     ) -> None:
         super().__init__(f"{waited_for} of {statement} took over {STEP_TIMEOUT_S:.0f} s")
         self.waited_for = waited_for
@@ -65,6 +66,8 @@ class StepTimedOut(TimeoutError):
         # How long after STEP_TIMEOUT_S the event loop noticed: a starved or blocked
         # process shows here, a slow server does not.
         self.loop_late_s = loop_late_s
+        # The statement's plan (EXPLAIN) taken then: a pathological plan shows here.
+        self.plan = plan
 
 
 @contextlib.asynccontextmanager
@@ -264,21 +267,19 @@ class Reconciler:
         match = await self._bounded(
             conn,
             "reconcile_match_reports",
-            conn.fetchrow(
-                self._queries["reconcile_match_reports"],
-                after_id,
-                s.batch_size,
-                self._codes,
-                self._statuses,
-                self._meanings,
-                reports.OTHER_CODE_STATUS,
-                list(self._policy.retry_codes),
-                self._policy.retry_after_s,
-                self._services,
-                self._max_attempts,
-                list(self._policy.suppress_codes),
-                self._policy.suppress_days,
-            ),
+            conn.fetchrow,
+            after_id,
+            s.batch_size,
+            self._codes,
+            self._statuses,
+            self._meanings,
+            reports.OTHER_CODE_STATUS,
+            list(self._policy.retry_codes),
+            self._policy.retry_after_s,
+            self._services,
+            self._max_attempts,
+            list(self._policy.suppress_codes),
+            self._policy.suppress_days,
         )
         assert match is not None
         return match
@@ -290,31 +291,19 @@ class Reconciler:
         in the caller's transaction on `conn`."""
         s = self._settings
         orphans = await self._bounded(
-            conn,
-            "reconcile_orphan_reports",
-            conn.fetch(self._queries["reconcile_orphan_reports"], s.orphan_after_s, s.batch_size),
+            conn, "reconcile_orphan_reports", conn.fetch, s.orphan_after_s, s.batch_size
         )
         timed_out = await self._bounded(
-            conn,
-            "reconcile_report_timeout",
-            conn.fetch(self._queries["reconcile_report_timeout"], s.report_timeout_s, s.batch_size),
+            conn, "reconcile_report_timeout", conn.fetch, s.report_timeout_s, s.batch_size
         )
         # Lock the campaigns that look finished, then look again with a fresh snapshot (each
         # statement takes its own): a recipient inserted meanwhile is either seen by the
         # second look or reopens the campaign once the lock is released (reconciler.sql).
-        finished = await self._bounded(
-            conn,
-            "reconcile_lock_finished_campaigns",
-            conn.fetch(self._queries["reconcile_lock_finished_campaigns"]),
-        )
+        finished = await self._bounded(conn, "reconcile_lock_finished_campaigns", conn.fetch)
         completed: list[db.Record] = []
         if finished:
             completed = await self._bounded(
-                conn,
-                "reconcile_complete_campaigns",
-                conn.fetch(
-                    self._queries["reconcile_complete_campaigns"], [row["id"] for row in finished]
-                ),
+                conn, "reconcile_complete_campaigns", conn.fetch, [row["id"] for row in finished]
             )
         return orphans, timed_out, completed
 
@@ -363,16 +352,24 @@ class Reconciler:
                     **per_status,
                 )
 
-    async def _bounded(self, conn: db.PoolConnection, statement: str, call: Awaitable[_T]) -> _T:
-        """Await `call` (a statement on `conn`) for up to STEP_TIMEOUT_S; past that, take a
-        snapshot of the database's sessions while it still runs, then cancel it."""
-        task = asyncio.ensure_future(call)
+    async def _bounded(
+        self,
+        conn: db.PoolConnection,
+        statement: str,
+        fetch: Callable[..., Awaitable[_T]],
+        *args: object,
+    ) -> _T:
+        """Run the named statement with `fetch` (a method of `conn`) for up to
+        STEP_TIMEOUT_S; past that, take a snapshot of the database's sessions and of the
+        plan the statement gets while it still runs, then cancel it."""
+        task = asyncio.ensure_future(fetch(self._queries[statement], *args))
         started = time.monotonic()
         done, _ = await asyncio.wait({task}, timeout=STEP_TIMEOUT_S)
         if task in done:
             return task.result()
         loop_late_s = round(time.monotonic() - started - STEP_TIMEOUT_S, 3)
         activity = await self._activity()
+        plan = await self._plan(statement, args)
         task.cancel()  # asyncpg asks the server to cancel the statement
         await asyncio.wait({task}, timeout=STEP_TIMEOUT_S)
         raise StepTimedOut(
@@ -381,7 +378,22 @@ class Reconciler:
             activity=activity if isinstance(activity, list) else None,
             backend_pid=conn.get_server_pid(),
             loop_late_s=loop_late_s,
+            plan=plan,
         )
+
+    async def _plan(self, statement: str, args: tuple[object, ...]) -> list[str] | str:
+        """The plan `statement` gets with these arguments now (EXPLAIN: planned, not run),
+        on another connection, or why it is unknown. Statistics that changed since the
+        stuck statement was planned can make it differ; usually it is the same plan."""
+        probe_s = min(5.0, STEP_TIMEOUT_S)
+        try:
+            async with self._pool.acquire(timeout=probe_s) as conn:
+                rows = await conn.fetch(
+                    "EXPLAIN " + self._queries[statement], *args, timeout=probe_s
+                )
+            return [str(r[0]) for r in rows]
+        except db.UNAVAILABLE_ERRORS as probe:
+            return f"not available: {type(probe).__name__}"
 
     async def _activity(self) -> list[dict[str, object]] | str:
         """The database's busy sessions (reconcile_activity), or why they are unknown."""
@@ -407,4 +419,5 @@ class Reconciler:
             pool_size=self._pool.get_size(),
             pool_idle=self._pool.get_idle_size(),
             activity=activity,
+            plan=exc.plan,
         )

@@ -51,6 +51,7 @@ async def test_a_pool_that_gives_no_connection_is_named(
     assert line["statement"] == "reconcile_match_reports"
     assert line["pool_size"] == 1 and line["pool_idle"] == 0
     assert line["activity"] == "not available: TimeoutError"
+    assert line["plan"] is None  # the statement never started
 
 
 async def test_a_statement_stuck_on_a_lock_shows_the_session_holding_it(
@@ -76,5 +77,9 @@ async def test_a_statement_stuck_on_a_lock_shows_the_session_holding_it(
     assert own["waiting_for_locks"], own
     # How late the event loop noticed the timeout: near 0 unless the process was starved.
     assert isinstance(line["loop_late_s"], float)
+    # The plan the statement gets, so a pathological one (a scan per report) shows.
+    plan = line["plan"]
+    assert isinstance(plan, list) and plan, plan
+    assert any("delivery_reports_new_idx" in step for step in plan), plan
     # Once the lock is gone the report is matched as usual.
     assert (await reconciler.run_once()).reports_matched == 1
