@@ -152,11 +152,17 @@ applied AS (
                                       coalesce(b.description, '') || '): sent once more'
                                  WHEN b.status = 'queued' THEN r.error_message END,
            updated_at     = now()
-      FROM best b
+      -- `best` as a set the planner takes for 100 rows, whatever the statistics say:
+      -- each recipient is one primary-key probe. Joined to `best` directly, the plan
+      -- followed the estimates: too many, and it hash-joined a scan of every recipient;
+      -- too few (statistics taken before a backlog of waiting reports), and each of 5,000
+      -- probes walked a 5,000-id array (= ANY): 32 s for one pass, the reconciler's
+      -- "stall" under load. The round trip through jsonb costs milliseconds.
+      FROM jsonb_to_recordset((SELECT jsonb_agg(x) FROM best x))
+           AS b(id bigint, recipient_id bigint, retry boolean, status text, transid text,
+                code text, meaning text, delivery_status text, description text,
+                reported_at timestamptz)
      WHERE r.id = b.recipient_id
-       -- Redundant with the join, but an index condition: the planner misjudges how many
-       -- rows `best` holds and would otherwise hash-join a scan of every recipient.
-       AND r.id = ANY(ARRAY(SELECT recipient_id FROM best))
        AND CASE
            WHEN b.status <> 'queued' THEN
                 r.dr_code IS NULL
@@ -194,10 +200,11 @@ learnt AS (
 marked AS (
     UPDATE campaign.delivery_reports d
        SET state = 'matched', recipient_id = u.recipient_id, matched_at = now()
-      FROM usable u
+      -- As above: one primary-key probe per report, whatever the estimates (unnest of
+      -- arrays not known at plan time is taken for 10 rows).
+      FROM unnest(ARRAY(SELECT id FROM usable ORDER BY id),
+                  ARRAY(SELECT recipient_id FROM usable ORDER BY id)) AS u(id, recipient_id)
      WHERE d.id = u.id
-       -- As above: probe the primary key instead of scanning every stored report.
-       AND d.id = ANY(ARRAY(SELECT id FROM usable))
     RETURNING d.id
 )
 SELECT (SELECT count(*) FROM picked)  AS examined,
