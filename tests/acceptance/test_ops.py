@@ -115,6 +115,10 @@ async def test_sender_only_workers_answer_health_ready_and_metrics(
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     assert [await s.ops_url() for s in senders] == urls
     hooks_ops = await webhooks.ops_url()
+    # Ready once every role has started. On a loaded machine one sender can still be
+    # starting when the other has sent all 300 (seen in a full run: 503 roles_starting).
+    for process, url in [*zip(senders, urls, strict=True), (webhooks, hooks_ops)]:
+        await process.wait_http(f"{url}/readyz")
 
     async def completed() -> bool:
         return await campaign_status(conn, campaign_id) == "completed"
