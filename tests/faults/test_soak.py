@@ -21,7 +21,7 @@ import pytest
 from campaign.simulator import start_simulator
 from tests.helpers.faults import SOAK, fault_run, seed, sim_config, wait_final
 from tests.helpers.proc import WEBHOOK_TOKEN
-from tests.helpers.seed import create_campaign
+from tests.helpers.seed import queued_campaign
 from tests.helpers.webhooks import dr
 
 pytestmark = pytest.mark.slow
@@ -35,26 +35,13 @@ MAX_IN_FLIGHT = 64
 MAX_TRIES = 20
 
 
-async def seed_queued(conn: asyncpg.Connection, count: int) -> int:
-    """A running campaign of `count` accepted recipients (transids soak-N) awaiting reports."""
-    campaign_id = await create_campaign(conn, name="soak", body="hi", status="running")
-    await conn.execute(
-        "INSERT INTO campaign.recipients (campaign_id, msisdn, status, transid, sent_at) "
-        "SELECT $1, '9197' || lpad(n::text, 8, '0'), 'queued', 'soak-' || n, now() "
-        "FROM generate_series(0, $2 - 1) AS n",
-        campaign_id,
-        count,
-    )
-    return campaign_id
-
-
 @pytest.mark.timeout(SOAK_S + 480)
 async def test_soak_reports_at_a_steady_rate_while_a_campaign_sends(
     conn: asyncpg.Connection, dsn: str, tmp_path: Path
 ) -> None:
     posts = int(SOAK_S * RATE_PER_S / PER_POST)
     reports = posts * PER_POST
-    soak_id = await seed_queued(conn, reports)
+    soak_id = await queued_campaign(conn, reports, name="soak", prefix="soak-")
     # The sending campaign lasts about as long as the soak.
     sending_id = await seed(conn, count=max(1000, int(SOAK_S * 500)))
     sim = await start_simulator(sim_config())

@@ -111,3 +111,20 @@ async def campaign_status(conn: asyncpg.Connection, campaign_id: int) -> str:
     return str(
         await conn.fetchval("SELECT status FROM campaign.campaigns WHERE id = $1", campaign_id)
     )
+
+
+async def queued_campaign(
+    conn: asyncpg.Connection, count: int, *, name: str = "queued", prefix: str = "T"
+) -> int:
+    """A running campaign of `count` recipients accepted by the API and awaiting their
+    reports: transids `<prefix>0` .. `<prefix>{count - 1}`, inserted in one statement."""
+    campaign_id = await create_campaign(conn, name=name, body="hi", status="running")
+    await conn.execute(
+        "INSERT INTO campaign.recipients (campaign_id, msisdn, status, transid, sent_at) "
+        "SELECT $1, '9197' || lpad(n::text, 8, '0'), 'queued', $3 || n, now() "
+        "FROM generate_series(0, $2 - 1) AS n",
+        campaign_id,
+        count,
+        prefix,
+    )
+    return campaign_id

@@ -15,7 +15,7 @@ from campaign import codes, db
 from campaign.codes import REPORT_CODES
 from campaign.config import ReconcilerSettings
 from campaign.reconciler import Reconciler, ReconcileResult
-from tests.helpers.seed import create_campaign, statuses
+from tests.helpers.seed import queued_campaign, statuses
 from tests.helpers.webhooks import dr, minutes, seed_campaign, store_reports
 
 
@@ -454,19 +454,12 @@ async def test_a_backlog_met_with_old_statistics_costs_linear_work(
     once per report with the whole pass's id array: 32 s for 5,000 reports, the
     reconciler's stall on loaded machines. The plan's shape is checked, not its time."""
     n = 2000
-    campaign_id = await create_campaign(conn, name="c", body="hello", status="running")
-    await conn.execute(
-        "INSERT INTO campaign.recipients (campaign_id, msisdn, status, attempts, transid, sent_at)"
-        " SELECT $1, '+4477009' || lpad(g::text, 5, '0'), 'queued', 1, 'T' || g, now()"
-        "   FROM generate_series(1, $2) g",
-        campaign_id,
-        n,
-    )
+    campaign_id = await queued_campaign(conn, n)
     await conn.execute("ANALYZE campaign.recipients")
     await conn.execute("ANALYZE campaign.delivery_reports")  # empty: nothing waits
     await conn.execute(
         "INSERT INTO campaign.delivery_reports (transid, code, state, reported_at, raw)"
-        " SELECT 'T' || g, '7500', 'new', now(), '{}' FROM generate_series(1, $1) g",
+        " SELECT 'T' || g, '7500', 'new', now(), '{}' FROM generate_series(0, $1 - 1) g",
         n,
     )
     # The pass's own statement and arguments, explained as it runs.
