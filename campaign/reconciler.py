@@ -383,25 +383,22 @@ class Reconciler:
 
     async def _plan(self, statement: str, args: tuple[object, ...]) -> list[str] | str:
         """The plan `statement` gets with these arguments now (EXPLAIN: planned, not run),
-        on another connection, or why it is unknown. Statistics that changed since the
-        stuck statement was planned can make it differ; usually it is the same plan."""
-        probe_s = min(5.0, STEP_TIMEOUT_S)
-        try:
-            async with self._pool.acquire(timeout=probe_s) as conn:
-                rows = await conn.fetch(
-                    "EXPLAIN " + self._queries[statement], *args, timeout=probe_s
-                )
-            return [str(r[0]) for r in rows]
-        except db.UNAVAILABLE_ERRORS as probe:
-            return f"not available: {type(probe).__name__}"
+        or why it is unknown. Statistics that changed since the stuck statement was planned
+        can make it differ; usually it is the same plan."""
+        rows = await self._probe("EXPLAIN " + self._queries[statement], *args)
+        return rows if isinstance(rows, str) else [str(r[0]) for r in rows]
 
     async def _activity(self) -> list[dict[str, object]] | str:
         """The database's busy sessions (reconcile_activity), or why they are unknown."""
+        rows = await self._probe(self._queries["reconcile_activity"])
+        return rows if isinstance(rows, str) else [dict(r) for r in rows]
+
+    async def _probe(self, sql: str, *args: object) -> list[db.Record] | str:
+        """`sql` on another pool connection within a few seconds, or why it could not run."""
+        probe_s = min(5.0, STEP_TIMEOUT_S)
         try:
-            probe_s = min(5.0, STEP_TIMEOUT_S)
             async with self._pool.acquire(timeout=probe_s) as conn:
-                rows = await conn.fetch(self._queries["reconcile_activity"], timeout=probe_s)
-            return [dict(r) for r in rows]
+                return await conn.fetch(sql, *args, timeout=probe_s)
         except db.UNAVAILABLE_ERRORS as probe:
             return f"not available: {type(probe).__name__}"
 
