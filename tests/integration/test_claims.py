@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -14,6 +13,7 @@ from campaign import db
 from campaign.producer import QUERIES as PRODUCER_QUERIES
 from campaign.recovery import QUERIES as RECOVERY_QUERIES
 from campaign.sender import QUERIES as SENDER_QUERIES
+from tests.helpers.plans import plan_nodes
 from tests.helpers.seed import add_recipients, create_campaign, numbers, statuses
 
 
@@ -658,16 +658,13 @@ async def test_resolve_unknown_probes_waiting_reports_per_row_not_all_of_them(co
         1000,
     )
     read = 0
-    stack = [json.loads(plan)[0]["Plan"]]
-    while stack:
-        node = stack.pop()
+    for node in plan_nodes(plan):
         if node.get("Relation Name") == "delivery_reports":
             loops = node["Actual Loops"]
             read += node["Actual Rows"] * loops
             read += node.get("Rows Removed by Filter", 0) * loops
             read += node.get("Rows Removed by Index Recheck", 0) * loops
         read += node.get("Rows Removed by Join Filter", 0)
-        stack.extend(node.get("Plans", []))
     # Reading every waiting report once (a hash) or each row's own (an index probe) is
     # linear; every waiting report for every row would be 300 x 600 = 180,000.
     assert read <= waiting + 300, read

@@ -4,7 +4,6 @@ orphans, the report timeout, completion."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 
 import asyncpg
@@ -15,6 +14,7 @@ from campaign import codes, db
 from campaign.codes import REPORT_CODES
 from campaign.config import ReconcilerSettings
 from campaign.reconciler import Reconciler, ReconcileResult
+from tests.helpers.plans import plan_nodes
 from tests.helpers.seed import queued_campaign, statuses
 from tests.helpers.webhooks import dr, minutes, seed_campaign, store_reports
 
@@ -470,17 +470,13 @@ async def test_a_backlog_met_with_old_statistics_costs_linear_work(
     reconciler = Reconciler(pool=pool, settings=ReconcilerSettings(batch_size=n), queries=queries)
     async with conn.transaction():
         row = await reconciler._match_on(conn, 0)
-    (plan,) = json.loads(row[0])
     repeated_arrays, removed = [], 0
-    stack = [plan["Plan"]]
-    while stack:
-        node = stack.pop()
+    for node in plan_nodes(row[0]):
         # An index probe with the pass's id array (= ANY), run again for every outer row:
         # each run sorts and walks the whole array.
         if "ANY" in node.get("Index Cond", "") and node["Actual Loops"] > 1:
             repeated_arrays.append((node.get("Relation Name"), node["Actual Loops"]))
         removed += node.get("Rows Removed by Join Filter", 0)
-        stack.extend(node.get("Plans", []))
     assert repeated_arrays == [], repeated_arrays
     assert removed < n, removed
     assert await statuses(conn, campaign_id) == {"delivered": n}

@@ -7,7 +7,6 @@ campaign/window.py.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, time, timedelta
 
 import asyncpg
@@ -16,6 +15,7 @@ from campaign import config, db
 from campaign.batch import Lane
 from campaign.commands import status
 from campaign.producer import Producer
+from tests.helpers.plans import plan_nodes
 from tests.helpers.seed import add_recipients, create_campaign, numbers
 
 INDIA = numbers(3)  # Asia/Calcutta
@@ -193,14 +193,11 @@ async def test_waiting_rows_cost_no_claim_until_they_are_released(
     )
     # No node of the probe reads a waiting row: none returned, none filtered out.
     visited = 0
-    stack = [json.loads(plan)[0]["Plan"]]
-    while stack:
-        node = stack.pop()
+    for node in plan_nodes(plan):
         if node.get("Relation Name") == "recipients":
             visited += node["Actual Rows"] * node["Actual Loops"]
             visited += node.get("Rows Removed by Filter", 0)
             visited += node.get("Rows Removed by Index Recheck", 0)
-        stack.extend(node.get("Plans", []))
     assert visited == 0
     producer, lane = make_producer(pool)
     assert await producer.fill() == 0
