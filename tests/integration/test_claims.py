@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -54,6 +55,25 @@ async def test_next_campaign_orders_by_priority_then_age(conn, q) -> None:
     assert await next_id(conn, q) == high_old
     assert await next_id(conn, q, [high_old]) == high_new
     assert await next_id(conn, q, [high_old, high_new]) == low
+
+
+async def test_the_probe_for_due_work_is_never_compiled(conn, q) -> None:
+    """The probe is planned with the canary's count over the campaign's recipients: with a
+    few million of them its estimate passed PostgreSQL's JIT thresholds, and every probe
+    spent 330 ms compiling a statement that runs in under 10 ms. Our sessions turn JIT off.
+    The thresholds are lowered to 0 here, so that ten rows cost what millions would."""
+    assert await conn.fetchval("SHOW jit") == "off"
+    cid = await create_campaign(conn)
+    await add_recipients(conn, cid, numbers(10))
+    async with conn.transaction():
+        for threshold in ("jit_above_cost", "jit_inline_above_cost", "jit_optimize_above_cost"):
+            await conn.execute(f"SET LOCAL {threshold} = 0")
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + q["producer_next_campaign"], ["default"], [], {}
+        )
+    # A server built without LLVM (the embedded one) never compiles; this one would.
+    assert "JIT" not in json.loads(explained)[0]
+    assert next(plan_nodes(explained))["Actual Rows"] == 1
 
 
 async def test_next_campaign_skips_what_cannot_send_now(conn, q) -> None:
